@@ -1,0 +1,10 @@
+"""bgd-dist: activation-aware product quantization ("And the Bit Goes Down") on a Ray cluster."""
+
+__version__ = "0.1.0"
+
+
+def load_compressed(path, map_location="cpu"):
+    """Load a ``model.bgd`` file into a plain ``nn.Module`` (see :mod:`bgd_dist.fileformat`)."""
+    from .fileformat import load_compressed as _load
+
+    return _load(path, map_location=map_location)

@@ -1,0 +1,162 @@
+"""Additive input statistics of one layer (METHOD.md §2).
+
+The paper's metric between a subvector ``w`` and a centroid ``c`` is
+``||X̃ (w - c)||²`` where ``X̃`` stacks, for every input row and every block
+position ``j``, the ``d`` inputs that block ``j`` multiplies. That equals
+``(w - c)ᵀ G (w - c)`` with ``G = X̃ᵀ X̃``: a ``d x d`` matrix that is a plain
+sum over images, so it streams and merges across workers.
+
+Every statistics type implements the same small protocol, so callers (hooks,
+workers, the driver) never depend on which one a layer uses:
+
+- ``update(x)``: accumulate a batch of layer *inputs* (the tensor the module
+  receives), in bounded chunks;
+- ``merge(other)``: a new object holding the sum of both;
+- ``state()`` / ``from_state(state)``: plain data for crossing processes;
+- ``metric()``: the matrix the k-means uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .layouts import LayerGeometry, check_block_size, input_rows
+
+STATS_TYPES: dict[str, type] = {}
+
+
+def register_stats(cls):
+    STATS_TYPES[cls.name] = cls
+    return cls
+
+
+@register_stats
+@dataclass
+class GramStats:
+    """Pooled ``d x d`` Gram matrix of one layer's input, float64.
+
+    ``gram`` is the sum over all input rows and block positions; ``n_rows`` the
+    number of ``d``-dimensional rows summed (input rows x blocks) and
+    ``n_inputs`` the number of input rows seen (pixels x groups, or vectors).
+    """
+
+    name: ClassVar[str] = "gram"
+    geometry: LayerGeometry
+    block_size: int
+    gram: Tensor
+    n_rows: int = 0
+    n_inputs: int = 0
+    layer: str = "<layer>"
+    max_rows: int = 65536
+
+    @classmethod
+    def empty(cls, geometry: LayerGeometry, block_size: int, layer: str = "<layer>",
+              device: torch.device | str | None = None, max_rows: int = 65536) -> "GramStats":
+        check_block_size(geometry, block_size, layer)
+        gram = torch.zeros(block_size, block_size, dtype=torch.float64, device=device)
+        return cls(geometry, block_size, gram, 0, 0, layer, max_rows)
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Accumulate the inputs ``x`` of one forward call of the layer."""
+        if not torch.isfinite(x).all():
+            raise ValueError(f"layer {self.layer!r}: non-finite values in the layer input")
+        d = self.block_size
+        gram = self.gram.to(x.device)
+        for rows in input_rows(x, self.geometry, self.max_rows):
+            blocks = rows.to(torch.float64).reshape(-1, d)
+            gram += blocks.T @ blocks
+            self.n_inputs += rows.shape[0]
+            self.n_rows += blocks.shape[0]
+        self.gram = gram
+
+    def merge(self, other: "GramStats") -> "GramStats":
+        if not isinstance(other, GramStats) or other.block_size != self.block_size \
+                or other.geometry != self.geometry:
+            raise ValueError(f"layer {self.layer!r}: cannot merge statistics of a different layer or block size")
+        return GramStats(self.geometry, self.block_size, self.gram + other.gram.to(self.gram.device),
+                         self.n_rows + other.n_rows, self.n_inputs + other.n_inputs, self.layer, self.max_rows)
+
+    def metric(self) -> Tensor:
+        """The d x d metric: the Gram matrix normalised by the number of rows."""
+        self.check()
+        return self.gram / self.n_rows
+
+    def check(self) -> None:
+        if self.n_rows == 0:
+            raise ValueError(f"layer {self.layer!r}: empty statistics (no calibration input reached this layer)")
+        if not torch.isfinite(self.gram).all():
+            raise ValueError(f"layer {self.layer!r}: non-finite values in the statistics")
+
+    def state(self) -> dict:
+        return {"type": self.name, "geometry": self.geometry.to_dict(), "block_size": self.block_size,
+                "gram": self.gram.cpu(), "n_rows": self.n_rows, "n_inputs": self.n_inputs,
+                "layer": self.layer}
+
+    @property
+    def nbytes(self) -> int:
+        return self.gram.numel() * self.gram.element_size()
+
+
+@register_stats
+@dataclass
+class IdentityStats:
+    """The weights-only baseline: the metric is the identity (classic PQ)."""
+
+    name: ClassVar[str] = "identity"
+    geometry: LayerGeometry
+    block_size: int
+    layer: str = "<layer>"
+
+    @classmethod
+    def empty(cls, geometry: LayerGeometry, block_size: int, layer: str = "<layer>", **_) -> "IdentityStats":
+        check_block_size(geometry, block_size, layer)
+        return cls(geometry, block_size, layer)
+
+    def update(self, x: Tensor) -> None:  # nothing to accumulate
+        pass
+
+    def merge(self, other: "IdentityStats") -> "IdentityStats":
+        return self
+
+    def metric(self) -> Tensor:
+        return torch.eye(self.block_size, dtype=torch.float64)
+
+    def check(self) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {"type": self.name, "geometry": self.geometry.to_dict(), "block_size": self.block_size,
+                "layer": self.layer}
+
+    nbytes = 0
+
+
+def make_stats(kind: str, geometry: LayerGeometry, block_size: int, layer: str = "<layer>", **kwargs):
+    """An empty statistics object of type ``kind`` (``gram`` or ``identity``)."""
+    try:
+        cls = STATS_TYPES[kind]
+    except KeyError:
+        raise ValueError(f"layer {layer!r}: unknown statistics type {kind!r}; expected one of {sorted(STATS_TYPES)}")
+    return cls.empty(geometry, block_size, layer, **kwargs)
+
+
+def stats_from_state(state: dict):
+    state = dict(state)
+    cls = STATS_TYPES[state.pop("type")]
+    state["geometry"] = LayerGeometry.from_dict(state["geometry"])
+    return cls(**state)
+
+
+def merge_all(parts: list):
+    """Sum a non-empty list of statistics of the same layer, in list order (deterministic)."""
+    if not parts:
+        raise ValueError("no statistics to merge")
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.merge(p)
+    return out
