@@ -1,0 +1,29 @@
+# A fresh clone needs only `make test` and `make demo`: each bootstraps .venv itself.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+PY := $(VENV)/bin/python
+
+.PHONY: test demo bench venv clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch and torchvision must be a matching pair (see README)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/bgd demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/em_speed.py
+	$(PY) benchmarks/decode_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,108 @@
+"""The ``bgd`` command line: a small argparse subcommand tree; tests call the functions directly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger("bgd")
+
+
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="pipeline YAML file (see pipelines/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline setting, e.g. --set data.train=/data/imagenet/train")
+
+
+def cmd_size(args) -> int:
+    from .adapters import plan_for
+    from .config import load_pipeline
+    from .core.sizing import size_report
+    from .adapters import build_architecture, make_adapter
+
+    cfg = load_pipeline(args.pipeline, args.overrides)
+    adapter = make_adapter(cfg.model, cfg.data)
+    model = build_architecture(adapter.arch())
+    plan = plan_for(cfg, model, adapter)
+    report = size_report(model, plan)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(format_size_table(report, cfg.name))
+    return 0
+
+
+def format_size_table(report, title: str = "") -> str:
+    rows = [f"{'layer':<44} {'kind':<16} {'shape':<18} {'d':>3} {'K':>5} {'bits/w':>7} {'MB':>8}"]
+    for l in report.layers:
+        shape = "x".join(str(s) for s in l.weight_shape)
+        if l.skip:
+            rows.append(f"{l.name:<44} {l.kind:<16} {shape:<18} {'-':>3} {'-':>5} {32.0:>7.2f} "
+                        f"{l.n_weights * 4 / 2**20:>8.4f}  (uncompressed)")
+        else:
+            rows.append(f"{l.name:<44} {l.kind:<16} {shape:<18} {l.block_size:>3} {l.n_centroids:>5} "
+                        f"{l.bits_per_weight:>7.3f} {l.nbytes / 2**20:>8.4f}")
+    rows.append(f"other parameters (fp32): {report.other_bytes / 2**20:.4f} MB")
+    rows.append(f"{title}: uncompressed {report.uncompressed_mb:.2f} MB -> compressed "
+                f"{report.compressed_mb:.2f} MB ({report.ratio:.1f}x)")
+    return "\n".join(rows)
+
+
+def cmd_inspect(args) -> int:
+    from .fileformat import format_inspect, inspect_file
+
+    info = inspect_file(args.file)
+    print(json.dumps(info, indent=1) if args.json else format_inspect(info))
+    return 0
+
+
+def cmd_import_ktb(args) -> int:
+    from .interop.ktb import import_ktb
+
+    import_ktb(args.file, args.arch, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bgd", description="Activation-aware product quantization on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("size", help="per-layer size table of a pipeline (architecture only)")
+    _add_pipeline(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_size)
+
+    p = sub.add_parser("inspect", help="describe a compressed model file")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("import-ktb", help="convert a checkpoint released by the reference implementation")
+    p.add_argument("file")
+    p.add_argument("--arch", choices=["resnet18", "resnet50"], required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import_ktb)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError, ImportError, RuntimeError) as e:
+        from .config import ConfigError
+
+        if args.verbose and not isinstance(e, ConfigError):
+            raise
+        print(f"bgd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

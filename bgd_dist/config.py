@@ -1,0 +1,273 @@
+"""Pipelines as data: YAML -> frozen dataclasses, unknown keys rejected by name.
+
+A value of ``???`` marks a required setting that the pipeline cannot know (a
+dataset path); it must be given with ``--set key=value`` before a command that
+needs it runs, and :func:`require` says so by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .plan import OBJECTIVES, Rule
+
+MISSING = "???"
+
+
+class ConfigError(ValueError):
+    """A pipeline file or override is invalid; the message names the file and key."""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def from_mapping(cls, data, where: str = ""):
+    """Build the frozen dataclass ``cls`` from ``data``; unknown keys are errors naming the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    aliases = getattr(cls, "_aliases", {})
+    kwargs = {}
+    for key, value in data.items():
+        attr = aliases.get(key, key)
+        if attr not in fields or attr.startswith("_"):
+            yaml_names = {v: k for k, v in aliases.items()}
+            allowed = sorted(yaml_names.get(k, k) for k in fields)
+            raise ConfigError(f"{where or 'top level'}: unknown key {key!r} (allowed: {', '.join(allowed)})")
+        kwargs[attr] = _convert(hints[attr], value, f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        missing = [n for n, f in fields.items() if n not in kwargs
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{where or 'top level'}: missing required key {missing[0]!r}") from None
+        raise ConfigError(f"{where or 'top level'}: {e}") from None
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where or 'top level'}: {e}") from None
+
+
+def to_mapping(obj) -> Any:
+    """A dataclass config back to plain YAML-able data (inverse of :func:`from_mapping`)."""
+    if dataclasses.is_dataclass(obj):
+        aliases = {v: k for k, v in getattr(type(obj), "_aliases", {}).items()}
+        return {aliases.get(f.name, f.name): to_mapping(getattr(obj, f.name))
+                for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, tuple):
+        return [to_mapping(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_mapping(v) for k, v in obj.items()}
+    return obj
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    adapter: str
+    arch: str
+    weights: str | None = None        # a torchvision weights enum name, e.g. IMAGENET1K_V1
+    checkpoint: str | None = None     # a local state-dict file; takes precedence over weights
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    rules: tuple[Rule, ...]
+    n_centroids: int = 256
+    n_iter: int = 100
+    init: str = "random"
+    objective: str = "paper"          # paper (pooled Gram) | weights (identity metric)
+    clamp: bool = True
+    n_calibration: int = 1024         # calibration images per stage
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.rules:
+            raise ValueError("rules: at least one rule is required")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: unknown value {self.objective!r}; expected one of {OBJECTIVES}")
+        if self.init not in ("random", "kmeans++"):
+            raise ValueError(f"init: unknown value {self.init!r}; expected random or kmeans++")
+        for key in ("n_centroids", "n_iter", "n_calibration", "batch_size"):
+            if getattr(self, key) < (0 if key == "n_iter" else 1):
+                raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class LayerwiseConfig:
+    enabled: bool = True
+    iterations: int = 2500
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    enabled: bool = True
+    epochs: int = 9
+    iterations_per_epoch: int = 10000
+    lr: float = 0.01
+    lr_step_epochs: int = 3
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    _aliases = {"global": "global_"}
+    layerwise: LayerwiseConfig = LayerwiseConfig()
+    global_: GlobalConfig = GlobalConfig()
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    kind: str = "ray"                 # ray | serial
+    num_workers: int = 2
+    num_cpus: int | None = None       # for a local cluster; None = num_workers
+    num_gpus_per_worker: float = 0.0
+    address: str | None = None        # None: start a local cluster; "auto" or HOST:PORT: join one
+    max_fit_tasks: int = 8            # codebook fitting tasks in flight (ray.wait back-pressure)
+
+    def __post_init__(self):
+        if self.kind not in ("ray", "serial"):
+            raise ValueError(f"kind: unknown executor {self.kind!r}; expected ray or serial")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 64
+    max_images: int | None = None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    model: ModelConfig
+    quantize: QuantizeConfig
+    data: dict = field(default_factory=dict)
+    finetune: FinetuneConfig = FinetuneConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    eval: EvalConfig = EvalConfig()
+    source: str | None = field(default=None, compare=False)
+
+    def to_yaml(self) -> str:
+        d = to_mapping(self)
+        d.pop("source", None)
+        return yaml.safe_dump(d, sort_keys=False)
+
+
+def _apply_override(raw: dict, override: str, where: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"{where}: override {override!r} must be KEY=VALUE")
+    key, value = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        if part not in node or node[part] is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"{where}: override {key!r}: {part!r} is not a section")
+        node = node[part]
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a pipeline YAML file, apply ``--set`` overrides, validate strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a pipeline must be a mapping at the top level")
+    for o in overrides:
+        _apply_override(raw, o, str(path))
+    raw.setdefault("name", path.stem)
+    raw["source"] = str(path)
+    try:
+        return from_mapping(PipelineConfig, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def pipeline_from_dict(raw: dict) -> PipelineConfig:
+    return from_mapping(PipelineConfig, raw)
+
+
+def require(value, key: str, config: PipelineConfig | None = None):
+    """Return ``value`` unless it is missing (None or ``???``), else a clear error naming ``key``."""
+    if value is None or value == MISSING:
+        src = f"{config.source}: " if config is not None and config.source else ""
+        raise ConfigError(f"{src}{key} is required: pass --set {key}=...")
+    return value
