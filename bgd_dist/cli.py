@@ -66,6 +66,38 @@ def cmd_import_ktb(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .config import load_pipeline
+    from .runner import make_executor, run
+
+    overrides = list(args.overrides)
+    if args.skip_layerwise:
+        overrides.append("finetune.layerwise.enabled=false")
+    if args.skip_global:
+        overrides.append("finetune.global.enabled=false")
+    if args.weights_only:
+        overrides.append("quantize.objective=weights")
+    cfg = load_pipeline(args.pipeline, overrides)
+    executor = make_executor(cfg, kind=args.executor, address=args.address)
+    out = args.out or f"runs/{cfg.name}"
+    report = run(cfg, out, executor, resume=args.resume, do_eval=not args.no_eval, progress=not args.no_progress)
+    executor.close()
+    print(format_report(report))
+    print(f"wrote {out}/model.bgd and {out}/report.json")
+    return 0
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['name']}: {report['uncompressed_mb']:.2f} MB -> {report['compressed_mb']:.3f} MB "
+             f"({report['ratio']:.1f}x), file {report['file_bytes'] / 2**20:.3f} MB"]
+    for key in ("metrics_before", "metrics_after"):
+        if report.get(key):
+            lines.append(f"  {key.replace('_', ' ')}: " + ", ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report[key].items()))
+    lines.append("  seconds: " + ", ".join(f"{k}={v:.1f}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgd", description="Activation-aware product quantization on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -75,6 +107,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_pipeline(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_size)
+
+    p = sub.add_parser("quantize", help="compress a model: stage by stage, then export model.bgd")
+    _add_pipeline(p)
+    p.add_argument("--out", help="run directory (default runs/<name>)")
+    p.add_argument("--executor", choices=["ray", "serial"], help="override executor.kind")
+    p.add_argument("--address", help="join an existing Ray cluster: auto or HOST:PORT")
+    p.add_argument("--resume", action="store_true", help="continue after the last finished stage")
+    p.add_argument("--skip-layerwise", action="store_true", help="no layer-wise distillation")
+    p.add_argument("--skip-global", action="store_true", help="no global distillation")
+    p.add_argument("--weights-only", action="store_true", help="weights-only objective (classic PQ baseline)")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation before and after")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="describe a compressed model file")
     p.add_argument("file")
@@ -95,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, ImportError, RuntimeError) as e:
+    except (ValueError, OSError, KeyError, ImportError, RuntimeError) as e:
         from .config import ConfigError
 
         if args.verbose and not isinstance(e, ConfigError):

@@ -64,46 +64,105 @@ def _check_finite(t: Tensor, what: str, name: str) -> None:
         raise ValueError(f"layer {name!r}: {what} contains NaN or inf")
 
 
-def _assign(w: Tensor, centroids: Tensor, metric: Tensor, chunk: int = 32768) -> tuple[Tensor, Tensor]:
-    """argmin_c (w - c)ᵀ G (w - c) for each row of w; returns (assignments, distance)."""
+_LANES = 32  # see _argmin_rows
+
+
+def _argmin_rows(scores: Tensor) -> Tensor:
+    """Index of a minimum of every row of ``scores`` (n, K); deterministic ties.
+
+    ``argmin`` over long rows is slow on CPU (not vectorised), while ``amin``
+    over a non-innermost dimension is. With K = G * L, the minimum over the G
+    groups is taken lane by lane, then the best lane of each row and the best
+    group in that lane: the value found is exactly the row minimum; among tied
+    minima the one in the lowest lane, then lowest group, is returned.
+    """
+    n, k = scores.shape
+    if k % _LANES or k < 2 * _LANES or scores.device.type != "cpu":
+        return scores.argmin(1)
+    by_lane = scores.view(n, k // _LANES, _LANES)
+    lane = by_lane.amin(1).argmin(1)                                    # (n,)
+    group = by_lane[torch.arange(n, device=scores.device), :, lane].argmin(1)
+    return group * _LANES + lane
+
+
+def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | None = None,
+             chunk: int = 2048) -> Tensor:
+    """argmin_c (w - c)ᵀ G (w - c) for each row of w (N, d), via cᵀGc - 2 wᵀGc.
+
+    Chunked so the (chunk, K) score matrix stays in cache. With ``current``
+    (N,) given, a row keeps its current centroid whenever that one attains the
+    row minimum (ties favour the current assignment) and the full argmin is
+    only computed for the rows where it does not, which after the first few
+    k-means iterations are few.
+    """
     cg = centroids @ metric                       # (K, d)
     c_norm = (centroids * cg).sum(1)              # (K,)
-    w_norm = ((w @ metric) * w).sum(1)            # (N,)
-    out_a, out_d = [], []
-    for start in range(0, w.shape[0], chunk):
+    cg_t = cg.T.contiguous()
+    n = w.shape[0]
+    out = torch.empty(n, dtype=torch.long, device=w.device) if current is None else current.clone()
+    buf = torch.empty(min(chunk, n), centroids.shape[0], dtype=w.dtype, device=w.device)
+    rows = torch.arange(min(chunk, n), device=w.device)
+    for start in range(0, n, chunk):
         wc = w[start:start + chunk]
-        scores = torch.addmm(c_norm.unsqueeze(0), wc, cg.T, alpha=-2.0)   # (n, K)
-        best, idx = scores.min(1)
-        out_a.append(idx)
-        out_d.append((best + w_norm[start:start + chunk]).clamp_min(0))
-    return torch.cat(out_a), torch.cat(out_d)
+        m = wc.shape[0]
+        scores = buf[:m]
+        torch.addmm(c_norm, wc, cg_t, alpha=-2.0, out=scores)       # (m, K)
+        if current is None:
+            out[start:start + m] = _argmin_rows(scores)
+            continue
+        now = out[start:start + m]
+        worse = torch.nonzero(scores[rows[:m], now] > scores.amin(1)).flatten()
+        if worse.numel():
+            now[worse] = _argmin_rows(scores[worse])
+    return out
+
+
+def _quad(diff: Tensor, metric: Tensor) -> Tensor:
+    """Row-wise ``diffᵀ G diff`` (clamped at 0)."""
+    return ((diff @ metric) * diff).sum(1).clamp_min(0)
+
+
+def _assign(w: Tensor, centroids: Tensor, metric: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+    """argmin_c (w - c)ᵀ G (w - c) for each row of w; returns (assignments, distance)."""
+    assignments = _nearest(w, centroids, metric, chunk=chunk)
+    return assignments, _quad(w - centroids[assignments], metric)
 
 
 def _kmeanspp(w: Tensor, k: int, metric: Tensor, gen: torch.Generator) -> Tensor:
+    """k-means++ seeding under the metric (distances in float64); returns (k, d) rows of w."""
     n = w.shape[0]
+    w64, g64 = w.double(), metric.double()
+    wg = w64 @ g64
+    w_norm = (wg * w64).sum(1)
+
+    def dist_to(i: int) -> Tensor:  # ||w - w_i||²_G for all rows, by expansion
+        return (w_norm - 2 * (wg @ w64[i]) + w_norm[i]).clamp_min(0)
+
     first = int(torch.randint(n, (1,), generator=gen))
     chosen = [first]
-    diff = w - w[first]
-    best = ((diff @ metric) * diff).sum(1).clamp_min(0)
+    best = dist_to(first)
     for _ in range(1, k):
-        total = float(best.sum())
+        cumulative = best.cumsum(0)
+        total = float(cumulative[-1])
         if total <= 0:
-            # every remaining point coincides with a chosen centroid: take unused indexes
+            # every point coincides (under the metric) with a chosen centroid: any index will do
             idx = int(torch.randint(n, (1,), generator=gen))
         else:
-            probs = (best / total).double().cpu()
-            idx = int(torch.multinomial(probs, 1, generator=gen))
+            u = float(torch.rand((), generator=gen, dtype=torch.float64)) * total
+            target = torch.tensor([u], dtype=torch.float64, device=w.device)
+            idx = min(int(torch.searchsorted(cumulative, target, right=True)), n - 1)
         chosen.append(idx)
-        c = w[idx]
-        d_new = (((w - c) @ metric) * (w - c)).sum(1).clamp_min(0)
-        best = torch.minimum(best, d_new)
+        best = torch.minimum(best, dist_to(idx))
     return w[torch.tensor(chosen, device=w.device)].clone()
 
 
-def _update(w: Tensor, assignments: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    sums = torch.zeros(k, w.shape[1], dtype=w.dtype, device=w.device).index_add_(0, assignments, w)
-    counts = torch.bincount(assignments, minlength=k)
-    return sums, counts
+def _splittable(w: Tensor, assignments: Tensor, k: int) -> Tensor:
+    """(k,) bool: clusters with at least two members that are not all identical."""
+    d = w.shape[1]
+    index = assignments.unsqueeze(1).expand(-1, d)
+    lo = torch.full((k, d), math.inf, dtype=w.dtype, device=w.device).scatter_reduce_(0, index, w, "amin")
+    hi = torch.full((k, d), -math.inf, dtype=w.dtype, device=w.device).scatter_reduce_(0, index, w, "amax")
+    return (hi > lo).any(1)
 
 
 def _repair_empty(w: Tensor, assignments: Tensor, counts: Tensor, centroids: Tensor) -> tuple[Tensor, int]:
@@ -111,30 +170,41 @@ def _repair_empty(w: Tensor, assignments: Tensor, counts: Tensor, centroids: Ten
 
     The points of the largest cluster are ordered along their direction of
     largest spread and the upper half is moved to the empty cluster, whose
-    centroid first takes the largest cluster's value; the objective is
-    unchanged by the move and can only decrease at the following M-step.
+    centroid first takes the largest cluster's value (``centroids`` is
+    modified in place); the objective is unchanged by the move and can only
+    decrease at the following M-step. Clusters whose members are all
+    identical are never split (that would only duplicate a centroid): when no
+    cluster can be split the codebook keeps fewer distinct centroids.
     Returns (new assignments, number of clusters repaired).
     """
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if not empty:
         return assignments, 0
+    k = counts.shape[0]
+    splittable = _splittable(w, assignments, k)
+    if not bool(splittable.any()):
+        return assignments, 0
     assignments = assignments.clone()
     counts = counts.clone()
     repaired = 0
     for e in empty:
-        big = int(torch.argmax(counts))
-        if int(counts[big]) < 2:
+        candidates = torch.where(splittable, counts, torch.zeros_like(counts))
+        big = int(torch.argmax(candidates))
+        if int(candidates[big]) < 2:
             break  # nothing left to split: fewer distinct centroids than requested
         members = torch.nonzero(assignments == big).flatten()
         pts = w[members]
         spread = pts - pts.mean(0)
         axis = int(torch.argmax(spread.pow(2).sum(0)))
         order = torch.argsort(spread[:, axis], stable=True)
-        moved = members[order[order.shape[0] // 2:]]
+        half = order.shape[0] // 2
+        moved = members[order[half:]]
         assignments[moved] = e
         centroids[e] = centroids[big]
         counts[e] = moved.shape[0]
         counts[big] -= moved.shape[0]
+        for c, part in ((big, pts[order[:half]]), (e, pts[order[half:]])):
+            splittable[c] = part.shape[0] >= 2 and bool((part.amax(0) > part.amin(0)).any())
         repaired += 1
     return assignments, repaired
 
@@ -156,17 +226,25 @@ def fit_codebook(
     the weight's dtype and on its device. ``n_centroids`` is used as given (apply
     :func:`clamp_n_centroids` before, as the plan does). Terminates after exactly
     ``n_iter`` iterations; empty clusters are repaired by a bounded split.
+
+    The objective is evaluated in float64 with explicit ``(w-c)ᵀG(w-c)``; an
+    assignment only changes when the new centroid is strictly closer under that
+    exact distance, and centroids are float64 means, so the objective does not
+    increase beyond float64 rounding. When K >= the number of distinct
+    subvectors, every distinct subvector becomes a centroid (the optimum).
     """
-    if n_centroids < 1:
-        raise ValueError(f"layer {name!r}: n_centroids must be >= 1, got {n_centroids}")
+    if not isinstance(n_centroids, int) or n_centroids < 1:
+        raise ValueError(f"layer {name!r}: n_centroids must be an integer >= 1, got {n_centroids!r}")
+    if n_iter < 0:
+        raise ValueError(f"layer {name!r}: n_iter must be >= 0, got {n_iter}")
     if init not in INITS:
         raise ValueError(f"layer {name!r}: unknown init {init!r}; expected one of {INITS}")
     if tuple(weight.shape) != tuple(geometry.weight_shape):
         raise ValueError(f"layer {name!r}: weight shape {tuple(weight.shape)} != geometry {geometry.weight_shape}")
+    if not weight.is_floating_point():
+        raise ValueError(f"layer {name!r}: weight must be floating point, got {weight.dtype}")
     _check_finite(weight, "the weight", name)
     w = to_subvectors(weight.detach(), geometry, block_size, name).contiguous()
-    if not w.is_floating_point():
-        raise ValueError(f"layer {name!r}: weight must be floating point, got {w.dtype}")
     if metric is None:
         metric = torch.eye(block_size, dtype=w.dtype, device=w.device)
     if tuple(metric.shape) != (block_size, block_size):
@@ -174,41 +252,64 @@ def fit_codebook(
     _check_finite(metric, "the statistics", name)
     metric = metric.to(device=w.device, dtype=w.dtype)
     metric = (metric + metric.T) / 2
+    metric64 = metric.double()
+    w64 = w.double()
     n = w.shape[0]
-    n_distinct = torch.unique(w, dim=0).shape[0]
+    distinct = torch.unique(w, dim=0)
+    n_distinct = distinct.shape[0]
     k = n_centroids
-    if k > n_distinct:
-        warnings.warn(
-            f"layer {name!r}: {k} centroids requested but only {n_distinct} distinct subvectors; "
-            f"the codebook will contain duplicate centroids",
-            stacklevel=2,
-        )
     gen = torch.Generator().manual_seed(seed)
-    if init == "random":
-        if k <= n:
-            idx = torch.randperm(n, generator=gen)[:k]
-        else:
-            idx = torch.cat([torch.randperm(n, generator=gen), torch.randint(n, (k - n,), generator=gen)])
+    if k >= n_distinct:
+        if k > n_distinct:
+            warnings.warn(
+                f"layer {name!r}: {k} centroids requested but only {n_distinct} distinct subvectors; "
+                f"the codebook will contain duplicate centroids",
+                stacklevel=2,
+            )
+        # the optimum: one centroid per distinct subvector (padded with repeats)
+        pad = torch.arange(k - n_distinct, device=w.device) % n_distinct
+        centroids = torch.cat([distinct, distinct[pad]]).clone()
+    elif init == "random":
+        idx = torch.randperm(n, generator=gen)[:k]
         centroids = w[idx.to(w.device)].clone()
     else:
         centroids = _kmeanspp(w, k, metric, gen)
-    total = float(((w @ metric) * w).sum())
+    total = float((metric64 * (w64.T @ w64)).sum())
     scale = total if total > 0 else 1.0
 
     objective: list[float] = []
     repaired = 0
+    assignments: Tensor | None = None
     for it in range(n_iter + 1):
-        assignments, dist = _assign(w, centroids, metric)
-        objective.append(float(dist.sum()) / scale)
+        c64 = centroids.double()
+        proposed = _nearest(w, centroids, metric, assignments)
+        if assignments is not None:
+            # a point moves only if the new centroid is strictly closer under the exact distance
+            changed = torch.nonzero(proposed != assignments).flatten()
+            if changed.numel():
+                wc = w64[changed]
+                d_new = _quad(wc - c64[proposed[changed]], metric64)
+                d_old = _quad(wc - c64[assignments[changed]], metric64)
+                kept = changed[d_old <= d_new]
+                proposed[kept] = assignments[kept]
+        assignments = proposed
+        diff = w64 - c64.index_select(0, assignments)                   # (N, d)
+        # Σ_i diff_iᵀ G diff_i = <G, diffᵀ diff>
+        objective.append(float((metric64 * (diff.T @ diff)).sum()) / scale)
         if it == n_iter:
             break
         counts = torch.bincount(assignments, minlength=k)
-        assignments, n_rep = _repair_empty(w, assignments, counts, centroids)
-        repaired += n_rep
-        sums, counts = _update(w, assignments, k)
-        nonempty = counts > 0
-        centroids = torch.where(nonempty.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).to(w.dtype),
-                                centroids)
+        if bool((counts == 0).any()):
+            assignments, n_rep = _repair_empty(w, assignments, counts, centroids)
+            if n_rep:
+                repaired += n_rep
+                counts = torch.bincount(assignments, minlength=k)
+                # moved points sit on an exact copy of their old centroid: diff is unchanged
+                c64 = centroids.double()
+        # M-step: the mean, computed as centroid + mean offset in float64 (exact when all
+        # members coincide with the centroid)
+        shift = torch.zeros(k, w.shape[1], dtype=torch.float64, device=w.device).index_add_(0, assignments, diff)
+        centroids = (c64 + shift / counts.clamp_min(1).unsqueeze(1).to(torch.float64)).to(w.dtype)
     return Codebook(centroids, assignments, tuple(objective), repaired)
 
 

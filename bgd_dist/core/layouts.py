@@ -164,26 +164,37 @@ def from_subvectors(subvectors: Tensor, geometry: LayerGeometry, block_size: int
     return weight_from_matrix(m, geometry)
 
 
-def input_rows(x: Tensor, geometry: LayerGeometry, max_rows: int = 65536) -> Iterator[Tensor]:
+def input_rows(x: Tensor, geometry: LayerGeometry, max_rows: int = 65536,
+               name: str = "<layer>") -> Iterator[Tensor]:
     """Yield the layer's input rows, ``(m, row_length)`` chunks of at most ``max_rows`` rows.
 
     Row ``r`` is what one weight row multiplies: an im2col column for conv2d
     (one per output pixel and group), one input pixel's channel vector for
     conv_transpose2d (one per input pixel and group), one input vector for
-    linear. Chunks are bounded so memory does not grow with the batch.
+    linear. Rows come image by image, output pixels in row-major order, groups
+    innermost. Chunks never exceed ``max_rows`` rows: several images are
+    batched when they fit, and an image with more rows than that is cut into
+    bands of output rows, so memory does not grow with the batch or the image.
     """
+    if max_rows < 1:
+        raise ValueError(f"layer {name!r}: max_rows must be >= 1, got {max_rows}")
     g = geometry.groups
+    s = geometry.weight_shape
     if geometry.kind == "linear":
+        if x.dim() < 1 or x.shape[-1] != s[1]:
+            raise ValueError(f"layer {name!r}: linear input must end with {s[1]} features, got {tuple(x.shape)}")
         flat = x.reshape(-1, x.shape[-1])
         yield from flat.split(max_rows)
         return
-    if x.dim() != 4:
-        raise ValueError(f"{geometry.kind} input must be (N, C, H, W), got {tuple(x.shape)}")
+    c_in = s[0] if geometry.kind == "conv_transpose2d" else s[1] * g
+    if x.dim() != 4 or x.shape[1] != c_in:
+        raise ValueError(f"layer {name!r}: {geometry.kind} input must be (N, {c_in}, H, W), got {tuple(x.shape)}")
     if geometry.kind == "conv_transpose2d":
         n, c, h, w = x.shape
-        per_image = h * w * g
-        for xb in x.split(max(1, max_rows // max(per_image, 1))):
-            yield xb.reshape(xb.shape[0], g, c // g, h * w).permute(0, 3, 1, 2).reshape(-1, c // g)
+        per_image = max(h * w * g, 1)
+        for xb in x.split(max(1, max_rows // per_image)):
+            rows = xb.reshape(xb.shape[0], g, c // g, h * w).permute(0, 3, 1, 2).reshape(-1, c // g)
+            yield from rows.split(max_rows)
         return
     kh, kw = geometry.kernel_size
     h, w = x.shape[-2:]
@@ -192,10 +203,27 @@ def input_rows(x: Tensor, geometry: LayerGeometry, max_rows: int = 65536) -> Ite
     dh, dw = geometry.dilation
     out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    per_image = max(out_h * out_w * g, 1)
-    for xb in x.split(max(1, max_rows // per_image)):
-        cols = F.unfold(xb, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"layer {name!r}: input {tuple(x.shape)} is smaller than the kernel of {geometry}")
+    per_image = out_h * out_w * g
+
+    def unfolded(xb: Tensor, padding: tuple[int, int]) -> Tensor:
+        cols = F.unfold(xb, (kh, kw), dilation=(dh, dw), padding=padding, stride=(sh, sw))
         # cols: (n, C_in*kh*kw, L); group gi owns rows [gi*row_length, (gi+1)*row_length)
         n, _, length = cols.shape
         cols = cols.reshape(n, g, geometry.row_length, length).permute(0, 3, 1, 2)
-        yield cols.reshape(-1, geometry.row_length)
+        return cols.reshape(-1, geometry.row_length)
+
+    if per_image <= max_rows:
+        for xb in x.split(max_rows // per_image):
+            yield unfolded(xb, (ph, pw))
+        return
+    # one image is too large: cut it into bands of output rows (padding applied once per image)
+    band = max(1, max_rows // (out_w * g))
+    span = dh * (kh - 1) + 1
+    for xi in x.split(1):
+        xp = F.pad(xi, (pw, pw, ph, ph)) if ph or pw else xi
+        for r0 in range(0, out_h, band):
+            r1 = min(out_h, r0 + band)
+            rows = unfolded(xp[:, :, r0 * sh:(r1 - 1) * sh + span], (0, 0))
+            yield from rows.split(max_rows)

@@ -67,7 +67,7 @@ class GramStats:
             raise ValueError(f"layer {self.layer!r}: non-finite values in the layer input")
         d = self.block_size
         gram = self.gram.to(x.device)
-        for rows in input_rows(x, self.geometry, self.max_rows):
+        for rows in input_rows(x, self.geometry, self.max_rows, self.layer):
             blocks = rows.to(torch.float64).reshape(-1, d)
             gram += blocks.T @ blocks
             self.n_inputs += rows.shape[0]

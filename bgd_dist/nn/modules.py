@@ -67,6 +67,12 @@ class PQLayer(nn.Module):
         return from_subvectors(sub, self.geometry, self.block_size, self.layer_name)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        incoming = state_dict.get(prefix + "assignments")
+        centroids = state_dict.get(prefix + "centroids", self.centroids)
+        if incoming is not None and incoming.numel() and \
+                (int(incoming.min()) < 0 or int(incoming.max()) >= centroids.shape[0]):
+            raise ValueError(f"layer {self.layer_name!r}: assignment out of range [0, {centroids.shape[0]}) "
+                             f"in the state dict")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.counts = torch.bincount(self.assignments, minlength=self.centroids.shape[0])
 
@@ -138,7 +144,7 @@ def quantized_from_dense(module: nn.Module, codebook: Codebook, name: str = "<la
     """The quantized replacement of a dense Conv2d / ConvTranspose2d / Linear."""
     cls = PQ_TYPES[geometry_of(module).kind]
     q = cls.from_dense(module, codebook, name)
-    return q.to(module.weight.device)
+    return q.to(device=module.weight.device, dtype=module.weight.dtype)
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
@@ -163,6 +169,8 @@ def quantize_(model: nn.Module, plan, codebooks: dict[str, Codebook]) -> nn.Modu
     swaps = []
     for name, codebook in codebooks.items():
         entry = plan.layer(name)
+        if entry.skip:
+            raise ValueError(f"layer {name!r} is marked skip (left uncompressed) in the plan")
         module = get_submodule(model, name)
         if isinstance(module, PQLayer):
             raise ValueError(f"layer {name!r} is already quantized")

@@ -1,0 +1,313 @@
+"""The sequential driver: stage after stage, collect -> fit -> swap -> distill -> checkpoint.
+
+The statistics of stage ``s`` are collected on the student in which every
+stage before ``s`` is already quantized and fine-tuned (METHOD.md §3). Each
+finished stage is written durably and only then marked done in
+``manifest.json``; ``resume=True`` replays finished stages forward-only (their
+saved, fine-tuned codebooks are swapped in without recomputation) and
+continues with the next one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .adapters import make_adapter, plan_for
+from .config import PipelineConfig
+from .core.sizing import MB, size_report
+from .executor import Executor, SerialExecutor
+from .finetune import global_spec, layerwise_spec
+from .io import atomic_write, atomic_write_text
+from .nn.modules import get_submodule, pq_layers, quantize_
+from .plan import Plan
+from .student import student_state
+from .worker import FitJob
+
+log = logging.getLogger("bgd.runner")
+
+MANIFEST_VERSION = 1
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by ``fail_after_stage`` (tests of resume)."""
+
+
+# -- small persistent pieces ----------------------------------------------------------------------
+class JsonlLog:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, event: str, **fields) -> None:
+        record = {"time": time.time(), "event": event, **fields}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+def tensor_digest(state: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def run_fingerprint(cfg: PipelineConfig, teacher: torch.nn.Module, adapter) -> dict:
+    """What must be equal for ``--resume`` to continue a run: model, data and config."""
+    conf = yaml.safe_load(cfg.to_yaml())
+    conf["executor"] = {"num_workers": cfg.executor.num_workers}  # shards matter, the rest does not
+    data = adapter.data_fingerprint() if hasattr(adapter, "data_fingerprint") else cfg.data
+    digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return {"model": tensor_digest(teacher.state_dict()), "data": digest(data), "config": digest(conf)}
+
+
+class Manifest:
+    def __init__(self, path: Path, fingerprint: dict):
+        self.path = path
+        self.data = {"version": MANIFEST_VERSION, "fingerprint": fingerprint, "stages": {}}
+
+    @classmethod
+    def open(cls, path: Path, fingerprint: dict, resume: bool) -> "Manifest":
+        m = cls(path, fingerprint)
+        if path.exists():
+            if not resume:
+                raise FileExistsError(f"{path.parent} already holds a run; pass --resume to continue it "
+                                      f"or choose another --out directory")
+            old = json.loads(path.read_text())
+            if old.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"{path}: manifest version {old.get('version')} is not supported")
+            diff = [k for k in fingerprint if old["fingerprint"].get(k) != fingerprint[k]]
+            if diff:
+                raise ValueError(f"{path}: cannot resume: the {', '.join(diff)} differ(s) from the run "
+                                 f"recorded there; use a new --out directory")
+            m.data = old
+        return m
+
+    def done(self, stage: int) -> bool:
+        return self.data["stages"].get(str(stage), {}).get("status") == "done"
+
+    def mark(self, stage: int, **info) -> None:
+        self.data["stages"][str(stage)] = {"status": "done", **info}
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+
+
+def save_stage(path: Path, student: torch.nn.Module, names: list[str]) -> None:
+    layers = pq_layers(student)
+    obj = {}
+    for n in names:
+        obj[f"{n}.centroids"] = layers[n].centroids.detach().cpu().clone()
+        obj[f"{n}.assignments"] = layers[n].assignments.detach().cpu().clone()
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_stage_stats(path: Path) -> dict:
+    """The merged statistics a finished stage was fitted with (``stages/<k>/stats.pt``)."""
+    from .core.stats import stats_from_state
+
+    return {n: stats_from_state(st) for n, st in torch.load(path, map_location="cpu", weights_only=True).items()}
+
+
+def load_stage(path: Path, names: list[str]) -> dict:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [n for n in names if f"{n}.centroids" not in obj]
+    if missing:
+        raise ValueError(f"{path}: stage file lacks layers {missing}")
+    return obj
+
+
+def _codebooks_from(obj: dict, names: list[str]):
+    from .core.kmeans import Codebook
+
+    return {n: Codebook(obj[f"{n}.centroids"], obj[f"{n}.assignments"], ()) for n in names}
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def make_executor(cfg: PipelineConfig, kind: str | None = None, address: str | None = None) -> Executor:
+    e = cfg.executor
+    kind = kind or e.kind
+    if kind == "serial":
+        return SerialExecutor(num_shards=e.num_workers)
+    from .distributed.ray_executor import RayExecutor
+
+    return RayExecutor(num_workers=e.num_workers, address=address or e.address, num_cpus=e.num_cpus,
+                       num_gpus_per_worker=e.num_gpus_per_worker, max_in_flight=e.max_fit_tasks)
+
+
+def evaluate(executor: Executor, adapter, which: str, max_images: int | None) -> dict:
+    evaluator = adapter.evaluator()
+    evaluator.merge(executor.evaluate(which, max_images))
+    return evaluator.result()
+
+
+def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = None, resume: bool = False,
+        do_eval: bool = True, fail_after_stage: int | None = None, progress: bool = True) -> dict:
+    """Compress ``cfg``'s model into ``out_dir/model.bgd``; returns the report (also ``report.json``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {"collect": 0.0, "fit": 0.0, "layerwise": 0.0, "global": 0.0, "export": 0.0,
+                               "eval": 0.0}
+    t_run = time.perf_counter()
+    adapter = make_adapter(cfg.model, cfg.data)
+    teacher = adapter.build_model()
+    fingerprint = run_fingerprint(cfg, teacher, adapter)
+    manifest = Manifest.open(out / "manifest.json", fingerprint, resume)
+    jlog = JsonlLog(out / "log.jsonl")
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    plan_path = out / "plan.json"
+    if resume and plan_path.exists():
+        plan = Plan.load(plan_path)
+    else:
+        plan = plan_for(cfg, teacher, adapter)
+        plan.save(plan_path)
+    q = cfg.quantize
+    own_executor = executor is None
+    executor = executor or make_executor(cfg)
+    report: dict = {"name": cfg.name, "stages": []}
+    student = copy.deepcopy(teacher)
+    uncompressed = size_report(teacher, plan)
+    layer_sizes = {ls.name: ls for ls in uncompressed.layers}
+    quantized_bytes = 0.0
+    try:
+        executor.start(cfg.model, cfg.data)
+        metrics_before = None
+        if do_eval:
+            t = time.perf_counter()
+            metrics_before = evaluate(executor, adapter, "teacher", cfg.eval.max_images)
+            times["eval"] += time.perf_counter() - t
+            log.info("teacher: %s", metrics_before)
+            jlog.write("eval", model="teacher", metrics=metrics_before)
+        bar = tqdm(plan.stages, desc="stages", unit="stage", disable=not progress)
+        for s, names in enumerate(bar):
+            names = list(names)
+            entries = [plan.layer(n) for n in names]
+            stage_file = out / "stages" / str(s) / "codebooks.pt"
+            if manifest.done(s):
+                quantize_(student, plan, _codebooks_from(load_stage(stage_file, names), names))
+                quantized_bytes += sum(layer_sizes[n].nbytes for n in names)
+                log.info("stage %d/%d %s: replayed from %s", s + 1, len(plan.stages), names, stage_file)
+                continue
+            # a. statistics on the current student (earlier stages quantized and fine-tuned)
+            t = time.perf_counter()
+            shipped = executor.load_student(student_state(student))
+            layers = [(l.name, l.geometry, l.block_size, "identity" if l.objective == "weights" else "gram")
+                      for l in entries]
+            need_stats = any(kind != "identity" for *_, kind in layers)
+            stats = {}
+            if need_stats:
+                with tqdm(total=q.n_calibration, desc=f"collect {s}", unit="img", leave=False,
+                          disable=not progress) as pbar:
+                    stats = executor.collect(layers, q.n_calibration, q.batch_size, q.seed * 1000 + s,
+                                             progress=pbar.update)
+                atomic_write(out / "stages" / str(s) / "stats.pt",
+                             lambda f: torch.save({n: st.state() for n, st in stats.items()}, f))
+            times["collect"] += time.perf_counter() - t
+            # b. one codebook per layer
+            t = time.perf_counter()
+            jobs = []
+            for l in entries:
+                metric = None
+                if l.objective != "weights":
+                    stats[l.name].check()
+                    metric = stats[l.name].metric()
+                weight = get_submodule(student, l.name).weight.detach().cpu()
+                jobs.append(FitJob(l.name, weight, l.geometry, metric, l.n_centroids, l.block_size, q.n_iter,
+                                   q.init, q.seed + l.order))
+            with tqdm(total=len(jobs), desc=f"fit {s}", unit="layer", leave=False, disable=not progress) as fbar:
+                fitted = executor.fit(jobs, progress=lambda *a: fbar.update())
+            times["fit"] += time.perf_counter() - t
+            codebooks = {n: cb for n, (cb, _) in fitted.items()}
+            # c. swap in the quantized layers
+            quantize_(student, plan, codebooks)
+            for l in entries:
+                cb, seconds = fitted[l.name]
+                quantized_bytes += layer_sizes[l.name].nbytes
+                obj = cb.objective
+                log.info("stage %d/%d %s: d=%d K=%d %.3f bits/w objective %.4f -> %.4f fit %.2fs | "
+                         "quantized so far %.3f MB", s + 1, len(plan.stages), l.name, l.block_size,
+                         l.n_centroids, layer_sizes[l.name].bits_per_weight, obj[0], obj[-1], seconds,
+                         quantized_bytes / MB)
+                jlog.write("layer", stage=s, layer=l.name, block_size=l.block_size, n_centroids=l.n_centroids,
+                           bits_per_weight=layer_sizes[l.name].bits_per_weight, objective_start=obj[0],
+                           objective_end=obj[-1], fit_seconds=seconds, quantized_mb_so_far=quantized_bytes / MB,
+                           n_empty_repaired=cb.n_empty_repaired)
+            # d. layer-wise distillation of this stage's centroids
+            losses = []
+            if cfg.finetune.layerwise.enabled and cfg.finetune.layerwise.iterations > 0:
+                t = time.perf_counter()
+                executor.load_student(student_state(student))
+                result = executor.distill(layerwise_spec(cfg.finetune.layerwise, names, seed=q.seed * 1000 + s))
+                _apply_distill(student, result)
+                losses = result["losses"]
+                times["layerwise"] += time.perf_counter() - t
+                log.info("stage %d/%d layer-wise distillation: %d it, loss %.4f -> %.4f", s + 1, len(plan.stages),
+                         len(losses), losses[0], losses[-1])
+            # e. checkpoint, then mark done
+            save_stage(stage_file, student, names)
+            manifest.mark(s, layers=names, files=[str(stage_file.relative_to(out))], bytes_shipped=shipped)
+            stage_info = {"stage": s, "layers": names, "bytes_shipped": shipped,
+                          "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None}
+            report["stages"].append(stage_info)
+            jlog.write("stage", **stage_info)
+            if fail_after_stage is not None and s == fail_after_stage:
+                raise InjectedFailure(f"injected failure after stage {s}")
+        # global distillation of every centroid
+        if cfg.finetune.global_.enabled and cfg.finetune.global_.epochs * cfg.finetune.global_.iterations_per_epoch:
+            t = time.perf_counter()
+            executor.load_student(student_state(student))
+            result = executor.distill(global_spec(cfg.finetune.global_, seed=q.seed * 1000 + 999))
+            _apply_distill(student, result)
+            times["global"] += time.perf_counter() - t
+            log.info("global distillation: %d it, loss %.4f -> %.4f", len(result["losses"]),
+                     result["losses"][0], result["losses"][-1])
+            jlog.write("global", losses_start=result["losses"][0], losses_end=result["losses"][-1],
+                       iterations=len(result["losses"]))
+        # export
+        t = time.perf_counter()
+        from .fileformat import save_compressed
+
+        sizes = size_report(student, plan)
+        save_compressed(out / "model.bgd", student, plan, adapter.arch(),
+                        metadata={"name": cfg.name, "compressed_mb": sizes.compressed_mb})
+        times["export"] += time.perf_counter() - t
+        metrics_after = None
+        if do_eval:
+            t = time.perf_counter()
+            executor.load_student(student_state(student))
+            metrics_after = evaluate(executor, adapter, "student", cfg.eval.max_images)
+            times["eval"] += time.perf_counter() - t
+            log.info("student: %s", metrics_after)
+            jlog.write("eval", model="student", metrics=metrics_after)
+    finally:
+        if own_executor:
+            executor.close()
+    report.update({
+        "uncompressed_mb": uncompressed.uncompressed_mb, "compressed_mb": sizes.compressed_mb,
+        "ratio": sizes.ratio, "file_bytes": (out / "model.bgd").stat().st_size,
+        "metrics_before": metrics_before, "metrics_after": metrics_after,
+        "seconds": {**times, "total": time.perf_counter() - t_run},
+    })
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=float))
+    jlog.write("report", **report)
+    return report
+
+
+def _apply_distill(student: torch.nn.Module, result: dict) -> None:
+    layers = pq_layers(student)
+    with torch.no_grad():
+        for name, c in result["centroids"].items():
+            layers[name].centroids.copy_(c)
+        if "buffers" in result:
+            buffers = dict(student.named_buffers())
+            for k, v in result["buffers"].items():
+                buffers[k].copy_(v)

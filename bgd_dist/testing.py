@@ -1,0 +1,162 @@
+"""A tiny, fully synthetic adapter for tests and benchmarks of the engine.
+
+A small seeded conv net (3x3, strided, grouped, 1x1 shortcut, linear head) and
+deterministic synthetic images: nothing to download, identical in every
+process, so the serial and Ray executors can be compared exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import from_mapping
+
+
+class ToyNet(nn.Module):
+    def __init__(self, width: int = 16, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=2, bias=False)
+        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.shortcut = nn.Conv2d(2 * width, 2 * width, 1, bias=False)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)) + self.shortcut(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def toy_convnet(width: int = 16, num_classes: int = 10, seed: int = 0) -> nn.Module:
+    """A seeded ToyNet with non-trivial BN statistics, in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    model = ToyNet(width, num_classes)
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = (2.0 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        model.fc.weight.mul_(4.0)  # confident teacher: a distillation signal worth following
+        # BN statistics of the synthetic data, as a trained network would have
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None  # cumulative average
+        model.train()(synthetic_images(torch.arange(64), 16, seed))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
+                m.num_batches_tracked.zero_()
+    return model.eval()
+
+
+def synthetic_images(indices: Tensor, size: int = 16, seed: int = 0) -> Tensor:
+    """Deterministic images: image ``i`` depends only on ``(i, seed)``. (n, 3, size, size)."""
+    out = torch.empty(len(indices), 3, size, size)
+    for row, i in enumerate(indices.tolist()):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        low = torch.randn(1, 3, 4, 4, generator=g)
+        out[row] = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[0] \
+            + 0.1 * torch.randn(3, size, size, generator=g)
+    return out
+
+
+@dataclass(frozen=True)
+class ToyData:
+    n_images: int = 256        # size of the synthetic "training set"
+    image_size: int = 16
+    seed: int = 0
+
+
+class ToyAdapter:
+    """Adapter protocol (see :mod:`bgd_dist.adapters`) over :func:`toy_convnet`."""
+
+    def __init__(self, model_config, data_config: dict | None = None):
+        self.model_config = model_config
+        self.data = from_mapping(ToyData, data_config or {}, "data")
+
+    def build_model(self) -> nn.Module:
+        return toy_convnet(**self.model_config.kwargs)
+
+    def arch(self) -> dict:
+        return {"factory": "bgd_dist.testing:toy_convnet", "kwargs": dict(self.model_config.kwargs)}
+
+    def trace(self, model: nn.Module):
+        return model(synthetic_images(torch.arange(1), self.data.image_size, self.data.seed))
+
+    def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
+                            seed: int) -> Iterator[Tensor]:
+        order = torch.randperm(self.data.n_images, generator=torch.Generator().manual_seed(seed))
+        order = order[:n_images] if n_images <= self.data.n_images else \
+            torch.arange(n_images) % self.data.n_images
+        mine = order[shard::n_shards]
+        for start in range(0, len(mine), batch_size):
+            yield synthetic_images(mine[start:start + batch_size], self.data.image_size, self.data.seed)
+
+    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+        gen = torch.Generator().manual_seed(seed * 7919 + 1)
+        while True:
+            # every worker draws the same global batch and keeps its slice: the union over
+            # workers is the same global batch whatever the number of workers
+            idx = torch.randint(self.data.n_images, (batch_size * n_shards,), generator=gen)
+            flip = torch.rand(batch_size * n_shards, generator=gen) < 0.5
+            x = synthetic_images(idx, self.data.image_size, self.data.seed)
+            x[flip] = x[flip].flip(-1)
+            yield x[shard * batch_size:(shard + 1) * batch_size]
+
+    def to_device(self, batch: Tensor, device) -> Tensor:
+        return batch.to(device)
+
+    def batch_len(self, batch: Tensor) -> int:
+        return batch.shape[0]
+
+    def forward(self, model: nn.Module, batch: Tensor) -> Tensor:
+        return model(batch)
+
+    def distill_loss(self, student_out: Tensor, teacher_out: Tensor) -> Tensor:
+        return F.kl_div(F.log_softmax(student_out, 1), F.softmax(teacher_out, 1), reduction="batchmean")
+
+    def evaluator(self):
+        return AgreementEvaluator()
+
+    def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[Tensor]:
+        n = min(self.data.n_images, max_images or self.data.n_images)
+        yield from self.calibration_batches(shard, n_shards, n, 64, seed=12345)
+
+
+class AgreementEvaluator:
+    """Top-1 agreement with labels produced by the (dense) toy teacher; mergeable."""
+
+    def __init__(self):
+        self.reset()
+        self._teacher = None
+
+    def reset(self) -> None:
+        self.correct = 0
+        self.total = 0
+
+    def process(self, batch: Tensor, outputs: Tensor) -> None:
+        if self._teacher is None:
+            self._teacher = toy_convnet()
+        with torch.no_grad():
+            labels = self._teacher(batch.cpu()).argmax(1)
+        self.correct += int((outputs.argmax(1).cpu() == labels).sum())
+        self.total += len(labels)
+
+    def state(self) -> dict:
+        return {"correct": self.correct, "total": self.total}
+
+    def merge(self, states: list[dict]) -> None:
+        for s in states:
+            self.correct += s["correct"]
+            self.total += s["total"]
+
+    def result(self) -> dict:
+        return {"agreement": self.correct / max(self.total, 1), "n_images": self.total}

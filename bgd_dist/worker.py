@@ -1,0 +1,162 @@
+"""One process's work: statistics of a data shard, a share of distillation, one codebook fit.
+
+Plain Python and torch: the serial executor calls it in-process, the Ray
+executor wraps it in an actor (``bgd_dist/distributed``). Everything passed in
+or returned is plain data (dicts of tensors, dataclasses).
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters import make_adapter
+from .core.kmeans import Codebook, fit_codebook
+from .core.layouts import LayerGeometry
+from .core.stats import make_stats
+from .finetune import PhaseSpec, distill
+from .nn.modules import get_submodule, pq_layers
+from .student import load_student
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """Everything one codebook fit needs (plain data, shipped to a Ray task)."""
+
+    name: str
+    weight: torch.Tensor
+    geometry: LayerGeometry
+    metric: torch.Tensor | None
+    n_centroids: int
+    block_size: int
+    n_iter: int
+    init: str
+    seed: int
+
+
+def run_fit(job: FitJob) -> tuple[Codebook, float]:
+    """Fit one codebook; returns it with the seconds it took. Errors name the layer."""
+    start = time.perf_counter()
+    try:
+        codebook = fit_codebook(job.weight, job.geometry, job.metric, job.n_centroids, job.block_size,
+                                job.n_iter, job.init, job.seed, job.name)
+    except Exception as e:
+        raise RuntimeError(f"codebook fit failed for layer {job.name!r}: {e}") from e
+    return codebook, time.perf_counter() - start
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class Worker:
+    """A model replica plus the adapter's data, for one shard at a time."""
+
+    def __init__(self, model_config, data_config: dict, device: str | None = None, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device) if device else _device()
+        self.adapter = make_adapter(model_config, data_config)
+        self.teacher = self.adapter.build_model().to(self.device).eval()
+        self.student: nn.Module | None = None
+        self.rank, self.world = 0, 1
+
+    def ping(self) -> bool:
+        return True
+
+    # -- student ------------------------------------------------------------------------------
+    def load_student(self, payload: dict) -> None:
+        self.student = load_student(self.teacher, payload).to(self.device).eval()
+
+    # -- statistics ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self, layers: list[tuple[str, LayerGeometry, int, str]], shard: int, n_shards: int,
+                n_images: int, batch_size: int, seed: int) -> dict:
+        """Statistics of ``layers`` (name, geometry, block size, stats kind) over this shard.
+
+        Returns ``{"stats": {name: state}, "n_images": int, "seconds": float}``.
+        """
+        if self.student is None:
+            raise RuntimeError("collect called before load_student")
+        start = time.perf_counter()
+        stats = {name: make_stats(kind, geometry, block_size, name) for name, geometry, block_size, kind in layers}
+        handles = []
+        for name in stats:
+            module = get_submodule(self.student, name)
+            handles.append(module.register_forward_pre_hook(lambda m, args, s=stats[name]: s.update(args[0])))
+        seen = 0
+        try:
+            self.student.eval()
+            for batch in self.adapter.calibration_batches(shard, n_shards, n_images, batch_size, seed):
+                self.adapter.forward(self.student, self.adapter.to_device(batch, self.device))
+                seen += self.adapter.batch_len(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return {"stats": {n: s.state() for n, s in stats.items()}, "n_images": seen,
+                "seconds": time.perf_counter() - start}
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, which: str, shard: int, n_shards: int, max_images: int | None):
+        """The adapter evaluator's ``state()`` for this shard of the evaluation data."""
+        model = self.teacher if which == "teacher" else self.student
+        if model is None:
+            raise RuntimeError("evaluate('student') called before load_student")
+        model.eval()
+        evaluator = self.adapter.evaluator()
+        evaluator.reset()
+        for batch in self.adapter.eval_batches(shard, n_shards, max_images):
+            evaluator.process(batch, self.adapter.forward(model, self.adapter.to_device(batch, self.device)))
+        return evaluator.state()
+
+    # -- distillation -------------------------------------------------------------------------
+    def setup_group(self, init_method: str, rank: int, world: int, timeout_s: float = 600.0) -> None:
+        """Join a torch.distributed group (gloo on CPU, nccl on GPU) for data-parallel distillation."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        self.rank, self.world = rank, world
+
+    def _reduce_grads(self, grads: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def distill(self, spec: PhaseSpec, rank: int = 0, world: int = 1) -> dict:
+        """This worker's share of a distillation phase; returns the trained centroids (and, for
+        the global phase, the BN buffers) so the driver can update its student."""
+        if self.student is None:
+            raise RuntimeError("distill called before load_student")
+        if spec.batch_size % world:
+            raise ValueError(f"{spec.name} distillation: batch size {spec.batch_size} is not divisible by "
+                             f"{world} workers")
+        if world > 1 and (self.world != world or self.rank != rank):
+            raise RuntimeError(f"worker expected in a group of {world} as rank {rank}; call setup_group first")
+        start = time.perf_counter()
+        batches = self.adapter.train_batches(rank, world, spec.batch_size // world, spec.seed)
+        device_batches = (self.adapter.to_device(b, self.device) for b in batches)
+        losses = distill(self.student, self.teacher, self.adapter, spec, device_batches,
+                         self._reduce_grads if world > 1 else None)
+        layers = pq_layers(self.student)
+        names = list(spec.layers) if spec.layers is not None else list(layers)
+        out = {"centroids": {n: layers[n].centroids.detach().cpu() for n in names}, "losses": losses,
+               "seconds": time.perf_counter() - start}
+        if spec.train_mode:
+            out["buffers"] = {k: v.detach().cpu() for k, v in self.student.named_buffers()
+                              if not k.endswith((".assignments", ".counts"))}
+        return out

@@ -1,0 +1,81 @@
+import pytest
+
+from bgd_dist import cli
+from bgd_dist.config import ConfigError, load_pipeline, require
+
+
+def write(tmp_path, text):
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+model: {adapter: classification, arch: resnet18}
+quantize:
+  rules:
+    - {match: conv1, skip: true}
+    - {match: ".*", block_size: 4}
+"""
+
+
+def test_loads_with_defaults_and_is_frozen(tmp_path):
+    cfg = load_pipeline(write(tmp_path, BASE))
+    assert cfg.name == "p"
+    assert cfg.quantize.n_iter == 100 and cfg.finetune.layerwise.lr == 0.05 and cfg.finetune.global_.epochs == 9
+    with pytest.raises(Exception):
+        cfg.name = "x"
+
+
+def test_paper_pipelines_carry_the_reference_hyper_parameters():
+    cfg = load_pipeline("pipelines/resnet50_small.yaml")
+    q, lw, gl = cfg.quantize, cfg.finetune.layerwise, cfg.finetune.global_
+    assert (q.n_iter, q.n_calibration, q.n_centroids) == (100, 1024, 256)
+    assert (lw.iterations, lw.lr, lw.momentum, lw.weight_decay, lw.batch_size) == (2500, 0.05, 0.9, 1e-4, 128)
+    assert (gl.epochs, gl.iterations_per_epoch, gl.lr, gl.lr_step_epochs, gl.batch_size) == (9, 10000, 0.01, 3, 128)
+    assert cfg.data == {"train": "???", "val": "???"}
+    with pytest.raises(ConfigError, match=r"data.train is required: pass --set data.train="):
+        require(cfg.data["train"], "data.train", cfg)
+
+
+@pytest.mark.parametrize("text, match", [
+    (BASE + "bogus: 1\n", "unknown key 'bogus'"),
+    (BASE.replace("rules:", "n_iterr: 3\n  rules:"), "quantize: unknown key 'n_iterr'"),
+    (BASE.replace("block_size: 4}", "block_size: 4, dd: 2}"), r"quantize.rules\[1\]: unknown key 'dd'"),
+    (BASE.replace("block_size: 4", "block_size: four"), r"quantize.rules\[1\].block_size: expected an integer"),
+    (BASE + "executor: {kind: mpi}\n", "executor: kind: unknown executor 'mpi'"),
+    ("model: {adapter: classification, arch: resnet18}\n", "missing required key 'quantize'"),
+    ("model: [1, 2\n", "malformed YAML"),
+    ("- 1\n", "must be a mapping"),
+])
+def test_bad_pipelines_name_the_file_and_key(tmp_path, text, match):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_pipeline(p)
+    assert str(p) in str(e.value)
+
+
+def test_overrides(tmp_path):
+    p = write(tmp_path, BASE)
+    cfg = load_pipeline(p, ["quantize.n_iter=7", "data.train=/x", "finetune.global.enabled=false"])
+    assert cfg.quantize.n_iter == 7 and cfg.data["train"] == "/x" and not cfg.finetune.global_.enabled
+    with pytest.raises(ConfigError, match="unknown key 'nope'"):
+        load_pipeline(p, ["quantize.nope=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_pipeline(p, ["quantize.n_iter"])
+
+
+def test_missing_file_and_cli_error_message(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="not found"):
+        load_pipeline(tmp_path / "nope.yaml")
+    assert cli.main(["size", str(write(tmp_path, BASE + "bogus: 1\n"))]) == 2
+    assert "unknown key 'bogus'" in capsys.readouterr().err
+
+
+def test_config_yaml_round_trip(tmp_path):
+    from bgd_dist.config import pipeline_from_dict
+    import yaml
+
+    cfg = load_pipeline("pipelines/maskrcnn_r50_fpn.yaml")
+    again = pipeline_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
