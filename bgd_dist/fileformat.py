@@ -63,7 +63,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import logging
 import math
 import re
 import struct
@@ -79,8 +78,6 @@ from .core.sizing import MB, size_report
 from .io import atomic_write
 from .nn.modules import PQLayer, get_submodule, pq_layers, quantize_
 from .plan import Plan
-
-log = logging.getLogger(__name__)
 
 MAGIC = b"BGDMODEL"
 FORMAT_NAME = "bgd-model"
@@ -286,8 +283,9 @@ def build_arch(arch: dict) -> nn.Module:
     fn = resolve_factory(arch["factory"])
     try:
         model = fn(**arch["kwargs"])
-    except TypeError as e:
-        raise ValueError(f"architecture factory {arch['factory']!r} rejected kwargs {arch['kwargs']}: {e}") from None
+    except Exception as e:  # any failure of third-party construction code, reported with its arguments
+        raise ValueError(f"architecture factory {arch['factory']!r} failed with kwargs {arch['kwargs']}: "
+                         f"{type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"architecture factory {arch['factory']!r} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -577,10 +575,13 @@ def _match_dtypes(model: nn.Module, state: dict[str, Tensor]) -> None:
 def load_compressed(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model stored in a ``.bgd`` file; returns it in eval mode on ``map_location``.
 
-    The architecture is built by the allow-listed factory, the plan's layers are
-    swapped for quantized modules (centroids fp16 -> the saved model dtype,
-    assignments unpacked) and every state tensor is loaded strictly. Errors are
-    :class:`FormatError` naming the file.
+    The architecture is built by the allow-listed factory, every stored tensor
+    but the codes is loaded into it strictly (the only keys the dense model may
+    lack are the planned layers' dense weights), then the planned layers are
+    swapped for quantized modules built from the codes (centroids fp16 -> the
+    saved model dtype, assignments unpacked) and the resulting state keys are
+    checked to be exactly the stored ones. Errors are :class:`FormatError`
+    naming the file.
     """
     path = Path(path)
     header, payload = _read_payload(path)
@@ -610,15 +611,29 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu") 
                 raise ValueError(f"layer {entry.name!r}: centroids of shape {tuple(centroids.shape)}, the plan "
                                  f"says ({entry.n_centroids}, {entry.block_size})")
             codebooks[entry.name] = Codebook(centroids, state[f"{entry.name}.assignments"], ())
-        quantize_(model, plan, codebooks)
-        expected = model.state_dict().keys()
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        if missing or unexpected:
+        # 1. everything but the codes goes into the dense model (strict: the only keys it may
+        #    lack are the dense weights of the planned layers, which the codes replace) ...
+        codes = {f"{name}.{part}" for name in codebooks for part in ("centroids", "assignments")}
+        dense_state = {k: v for k, v in state.items() if k not in codes}
+        replaced = {f"{name}.weight" for name in codebooks}
+        _match_dtypes(model, dense_state)
+        result = model.load_state_dict(dense_state, strict=False)
+        missing = [k for k in result.missing_keys if k not in replaced]
+        if missing or result.unexpected_keys:
             raise ValueError(f"the stored state does not match architecture {header['arch']['factory']!r}: "
-                             f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}")
-        _match_dtypes(model, state)
-        model.load_state_dict(state, strict=True)
+                             f"missing keys {_few(missing)}, unexpected keys {_few(result.unexpected_keys)}")
+        # 2. ... then the planned layers are swapped for quantized ones built from the codes
+        #    (their biases come from the dense layers loaded above).
+        quantize_(model, plan, codebooks)
+        layers = pq_layers(model)
+        for name, layer in layers.items():
+            dtype = state[f"{name}.centroids"].dtype
+            if layer.centroids.dtype != dtype:
+                layer.centroids.data = layer.centroids.data.to(dtype)
+        if set(model.state_dict()) != set(state):  # the swap must yield exactly the stored keys
+            keys = set(model.state_dict())
+            raise ValueError(f"the stored state does not match the quantized model: missing keys "
+                             f"{_few(sorted(keys - set(state)))}, unexpected keys {_few(sorted(set(state) - keys))}")
     except (ValueError, KeyError, RuntimeError) as e:
         raise FormatError(f"{path}: {_msg(e)}") from None
     model.eval()

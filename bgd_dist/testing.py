@@ -36,8 +36,11 @@ class ToyNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def toy_convnet(width: int = 16, num_classes: int = 10, seed: int = 0) -> nn.Module:
-    """A seeded ToyNet with non-trivial BN statistics, in eval mode."""
+def toy_convnet(width: int = 16, num_classes: int = 10, seed: int = 0, poison: str | None = None) -> nn.Module:
+    """A seeded ToyNet with BN statistics of the synthetic data, in eval mode.
+
+    ``poison``: a layer whose weight gets a NaN (tests of bad-input errors).
+    """
     gen = torch.Generator().manual_seed(seed)
     model = ToyNet(width, num_classes)
     with torch.no_grad():
@@ -54,6 +57,8 @@ def toy_convnet(width: int = 16, num_classes: int = 10, seed: int = 0) -> nn.Mod
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = 0.1
                 m.num_batches_tracked.zero_()
+        if poison:
+            model.get_submodule(poison).weight.view(-1)[0] = float("nan")
     return model.eval()
 
 
@@ -124,7 +129,7 @@ class ToyAdapter:
         return F.kl_div(F.log_softmax(student_out, 1), F.softmax(teacher_out, 1), reduction="batchmean")
 
     def evaluator(self):
-        return AgreementEvaluator()
+        return AgreementEvaluator(dict(self.model_config.kwargs))
 
     def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[Tensor]:
         n = min(self.data.n_images, max_images or self.data.n_images)
@@ -134,8 +139,9 @@ class ToyAdapter:
 class AgreementEvaluator:
     """Top-1 agreement with labels produced by the (dense) toy teacher; mergeable."""
 
-    def __init__(self):
+    def __init__(self, teacher_kwargs: dict | None = None):
         self.reset()
+        self.teacher_kwargs = teacher_kwargs or {}
         self._teacher = None
 
     def reset(self) -> None:
@@ -144,7 +150,7 @@ class AgreementEvaluator:
 
     def process(self, batch: Tensor, outputs: Tensor) -> None:
         if self._teacher is None:
-            self._teacher = toy_convnet()
+            self._teacher = toy_convnet(**self.teacher_kwargs)
         with torch.no_grad():
             labels = self._teacher(batch.cpu()).argmax(1)
         self.correct += int((outputs.argmax(1).cpu() == labels).sum())
