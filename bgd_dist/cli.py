@@ -87,6 +87,55 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Evaluate the pipeline's teacher, or a compressed file, with the adapter's evaluator."""
+    from pathlib import Path
+
+    from .adapters import build_architecture, make_adapter, plan_for
+    from .config import load_pipeline
+    from .core.sizing import size_report
+    from .runner import evaluate, make_executor
+
+    cfg = load_pipeline(args.pipeline, args.overrides)
+    adapter = make_adapter(cfg.model, cfg.data)
+    executor = make_executor(cfg, kind=args.executor, address=args.address)
+    try:
+        executor.start(cfg.model, cfg.data)
+        if args.model:
+            path = Path(args.model).resolve()
+            from .fileformat import inspect_file
+
+            info = inspect_file(path)
+            size_mb, ratio, label = info["accounted_mb"], info["ratio"], path.name
+            executor.load_compressed(str(path))
+            metrics = evaluate(executor, adapter, "student", args.max_images or cfg.eval.max_images)
+        else:
+            model = build_architecture(adapter.arch())
+            report = size_report(model, plan_for(cfg, model, adapter))
+            size_mb, ratio, label = report.uncompressed_mb, 1.0, f"{cfg.name} (teacher)"
+            metrics = evaluate(executor, adapter, "teacher", args.max_images or cfg.eval.max_images)
+    finally:
+        executor.close()
+    row = {"model": label, "size_mb": size_mb, "ratio": ratio, **metrics}
+    if args.json:
+        print(json.dumps(row, indent=1))
+    else:
+        print("  ".join(f"{k:>12}" for k in row))
+        print("  ".join(f"{v:>12.4f}" if isinstance(v, float) else f"{v!s:>12}" for v in row.values()))
+    return 0
+
+
+def _run_external(target: str):
+    """A subcommand implemented by an adapter package, imported by name at run time."""
+
+    def run_it(args) -> int:
+        from .adapters import import_object
+
+        return import_object(target)(args)
+
+    return run_it
+
+
 def format_report(report: dict) -> str:
     lines = [f"{report['name']}: {report['uncompressed_mb']:.2f} MB -> {report['compressed_mb']:.3f} MB "
              f"({report['ratio']:.1f}x), file {report['file_bytes'] / 2**20:.3f} MB"]
@@ -120,6 +169,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip evaluation before and after")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="evaluate the teacher or a compressed model file")
+    _add_pipeline(p)
+    p.add_argument("--model", help="a compressed model file (model.bgd); default: the teacher")
+    p.add_argument("--executor", choices=["ray", "serial"], help="override executor.kind")
+    p.add_argument("--address", help="join an existing Ray cluster: auto or HOST:PORT")
+    p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("make-shapes", help="write the synthetic COCO-format shapes dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=400)
+    p.add_argument("--val", type=int, default=100)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_external("detection.shapes:make_shapes_main"))
+
+    p = sub.add_parser("demo", help="the end-to-end demo: shapes data, Mask R-CNN teacher, compress, evaluate")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a shortened configuration (tests)")
+    p.add_argument("--executor", choices=["ray", "serial"], default="ray")
+    p.set_defaults(func=_run_external("detection.demo:demo_main"))
 
     p = sub.add_parser("inspect", help="describe a compressed model file")
     p.add_argument("file")

@@ -42,6 +42,10 @@ class Executor:
     def distill(self, spec: PhaseSpec) -> dict:
         raise NotImplementedError
 
+    def load_compressed(self, path: str) -> None:
+        """Make the compressed file at ``path`` every worker's student."""
+        raise NotImplementedError
+
     def evaluate(self, which: str, max_images: int | None) -> list:
         """Evaluator states of every evaluation shard (``which``: teacher or student)."""
         raise NotImplementedError
@@ -97,6 +101,9 @@ class SerialExecutor(Executor):
 
     def distill(self, spec: PhaseSpec) -> dict:
         return self.worker.distill(spec, 0, 1)
+
+    def load_compressed(self, path: str) -> None:
+        self.worker.load_compressed(path)
 
     def evaluate(self, which, max_images) -> list:
         return [self.worker.evaluate(which, shard, self.num_shards, max_images) for shard in range(self.num_shards)]

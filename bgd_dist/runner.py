@@ -255,7 +255,8 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
             # e. checkpoint, then mark done
             save_stage(stage_file, student, names)
             manifest.mark(s, layers=names, files=[str(stage_file.relative_to(out))], bytes_shipped=shipped)
-            stage_info = {"stage": s, "layers": names, "bytes_shipped": shipped,
+            stats_bytes = sum(st.nbytes for st in stats.values()) * getattr(executor, "num_shards", 1)
+            stage_info = {"stage": s, "layers": names, "bytes_shipped": shipped, "stats_bytes_returned": stats_bytes,
                           "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None}
             report["stages"].append(stage_info)
             jlog.write("stage", **stage_info)

@@ -72,6 +72,12 @@ class Worker:
     def load_student(self, payload: dict) -> None:
         self.student = load_student(self.teacher, payload).to(self.device).eval()
 
+    def load_compressed(self, path: str) -> None:
+        """Make a compressed file the student (the path must be readable on this node)."""
+        from .fileformat import load_compressed
+
+        self.student = load_compressed(path).to(self.device).eval()
+
     # -- statistics ---------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, layers: list[tuple[str, LayerGeometry, int, str]], shard: int, n_shards: int,
@@ -111,7 +117,7 @@ class Worker:
         evaluator = self.adapter.evaluator()
         evaluator.reset()
         for batch in self.adapter.eval_batches(shard, n_shards, max_images):
-            evaluator.process(batch, self.adapter.forward(model, self.adapter.to_device(batch, self.device)))
+            evaluator.process(batch, self.adapter.predict(model, self.adapter.to_device(batch, self.device)))
         return evaluator.state()
 
     # -- distillation -------------------------------------------------------------------------

@@ -1,14 +1,32 @@
-"""The classification adapter: torchvision classifiers, ImageNet-style folders, top-1/top-5."""
+"""The classification adapter: torchvision classifiers, ImageNet-style folders, top-1/top-5.
+
+Implements the adapter protocol of :mod:`bgd_dist.adapters`:
+
+- calibration and distillation images come from ``data.train`` (ImageNet
+  ``train/`` layout, or a flat folder of unlabelled images) with
+  RandomResizedCrop(224) + horizontal flip + ImageNet normalisation; their
+  labels are never read;
+- evaluation reads ``data.val`` (ImageFolder layout) with Resize(256) +
+  CenterCrop(224) + ImageNet normalisation and scores top-1 / top-5;
+- the distillation loss is KL(teacher softmax || student log-softmax),
+  batch mean (METHOD.md §4).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision import transforms as T
 
 from bgd_dist.config import MISSING, from_mapping, require
 
+from .data import (IMAGENET_MEAN, IMAGENET_STD, SeededImages, batches_of, calibration_indices, eval_indices,
+                   global_batches, list_images, loader)
+from .evaluation import TopKEvaluator
 from .models import build_classifier
 
 
@@ -16,17 +34,45 @@ from .models import build_classifier
 class ClassificationData:
     train: str | None = None          # ImageFolder root (ImageNet train/ layout) or a flat image folder
     val: str | None = None            # ImageFolder root with class sub-folders
-    image_size: int = 224
-    resize: int = 256
-    num_workers: int = 0
+    image_size: int = 224             # RandomResizedCrop / CenterCrop size
+    resize: int = 256                 # evaluation: Resize(resize) then CenterCrop(image_size)
+    crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop area range (torchvision default)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_workers: int = 0              # DataLoader worker processes per engine worker
+    eval_batch_size: int = 64
     example_size: int = 224           # input size of the tracing example
+
+    def __post_init__(self):
+        if self.image_size < 1 or self.resize < self.image_size:
+            raise ValueError(f"need 1 <= image_size <= resize, got image_size={self.image_size}, "
+                             f"resize={self.resize}")
+        if self.num_workers < 0 or self.eval_batch_size < 1:
+            raise ValueError("num_workers must be >= 0 and eval_batch_size >= 1")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+
+
+def kl_distill_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(teacher softmax || student log-softmax), averaged over the batch. Logits: (N, C)."""
+    return F.kl_div(F.log_softmax(student_logits, 1), F.softmax(teacher_logits, 1), reduction="batchmean")
+
+
+def images_of(batch) -> Tensor:
+    """The image tensor of a batch: the batch itself, or the first entry of ``(images, labels)``."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 class ClassificationAdapter:
+    """Adapter protocol over a torchvision classifier and ImageNet-style image folders."""
+
     def __init__(self, model_config, data_config: dict | None = None):
         self.model_config = model_config
         self.data = from_mapping(ClassificationData, data_config or {}, "data")
+        self._train = None
+        self._val = None
 
+    # -- models ---------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         m = self.model_config
         if m.checkpoint == MISSING:
@@ -45,3 +91,67 @@ class ClassificationAdapter:
         model.eval()
         device = next(model.parameters()).device
         return model(self.example_batch().to(device))
+
+    # -- data -----------------------------------------------------------------------------------
+    def train_transform(self):
+        d = self.data
+        return T.Compose([T.RandomResizedCrop(d.image_size, scale=d.crop_scale), T.RandomHorizontalFlip(),
+                          T.ToTensor(), T.Normalize(d.mean, d.std)])
+
+    def eval_transform(self):
+        d = self.data
+        return T.Compose([T.Resize(d.resize), T.CenterCrop(d.image_size), T.ToTensor(), T.Normalize(d.mean, d.std)])
+
+    def train_set(self) -> SeededImages:
+        """The training images (labels dropped), listed once per process."""
+        if self._train is None:
+            root = require(self.data.train, "data.train")
+            samples, _ = list_images(root, "data.train", labelled=False)
+            self._train = SeededImages([(p, -1) for p, _ in samples], self.train_transform())
+        return self._train
+
+    def val_set(self) -> SeededImages:
+        if self._val is None:
+            root = require(self.data.val, "data.val")
+            samples, _ = list_images(root, "data.val", labelled=True)
+            self._val = SeededImages(samples, self.eval_transform(), with_labels=True)
+        return self._val
+
+    def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
+                            seed: int) -> Iterator[Tensor]:
+        dataset = self.train_set()
+        idx, seeds = calibration_indices(len(dataset), shard, n_shards, n_images, seed)
+        keys = list(zip(idx.tolist(), seeds.tolist()))
+        yield from loader(dataset, batches_of(keys, batch_size), self.data.num_workers)
+
+    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+        dataset = self.train_set()
+        keys = (list(zip(idx.tolist(), seeds.tolist()))
+                for idx, seeds in global_batches(len(dataset), shard, n_shards, batch_size, seed))
+        yield from loader(dataset, keys, self.data.num_workers)
+
+    def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+        dataset = self.val_set()
+        keys = eval_indices(len(dataset), shard, n_shards, max_images).tolist()
+        for images, labels in loader(dataset, batches_of(keys, self.data.eval_batch_size), self.data.num_workers):
+            yield images, labels
+
+    # -- forward, loss, evaluation ------------------------------------------------------------------
+    def to_device(self, batch, device):
+        if isinstance(batch, (tuple, list)):
+            return (batch[0].to(device), *batch[1:])
+        return batch.to(device)
+
+    def batch_len(self, batch) -> int:
+        return images_of(batch).shape[0]
+
+    def forward(self, model: nn.Module, batch) -> Tensor:
+        return model(images_of(batch))
+
+    predict = forward
+
+    def distill_loss(self, student_out: Tensor, teacher_out: Tensor) -> Tensor:
+        return kl_distill_loss(student_out, teacher_out)
+
+    def evaluator(self) -> TopKEvaluator:
+        return TopKEvaluator((1, 5))

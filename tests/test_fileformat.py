@@ -271,6 +271,52 @@ def test_header_inspect_and_table(student, saved):
     assert "layer4.1.conv2" in text and "2048" in text and "accounted" in text and "28.9x" in text
 
 
+class Tiny(nn.Module):
+    """A small model with optional state outside the state_dict."""
+
+    def __init__(self, plain_tensor: bool = False, non_persistent: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+        self.scale = [torch.tensor(2.0)] if plain_tensor else None       # plain attribute, not a buffer
+        if non_persistent:
+            self.register_buffer("offset", torch.full((4,), 0.5), persistent=False)
+
+    def forward(self, x):
+        y = self.fc(self.bn(self.conv(x)).mean((2, 3)))
+        if self.scale is not None:
+            y = y * self.scale[0]
+        if hasattr(self, "offset"):
+            y = y + self.offset
+        return y
+
+
+@pytest.mark.parametrize("plain_tensor,non_persistent", [(False, False), (True, False), (False, True)])
+def test_state_outside_the_state_dict_survives_loading(tmp_path, monkeypatch, plain_tensor, non_persistent):
+    monkeypatch.setattr(fileformat, "_factory_prefixes", list(fileformat.DEFAULT_FACTORY_PREFIXES))
+    factories = types.ModuleType("tiny_models")
+    factories.Tiny = Tiny
+    monkeypatch.setitem(sys.modules, "tiny_models", factories)
+    register_factory_prefix("tiny_models")
+    torch.manual_seed(0)
+    model = Tiny(plain_tensor, non_persistent).eval()
+    model.bn.running_mean.normal_()
+    plan = build_plan(model, [Rule("conv", block_size=9, n_centroids=4), Rule("fc", block_size=4)],
+                      run=lambda m: m(torch.zeros(1, 3, 8, 8)))
+    assert plan.layer("fc").n_centroids == 1  # clamp rule: 8 subvectors
+    quantize_(model, plan, {l.name: Codebook(torch.randn(l.n_centroids, l.block_size),
+                                             torch.randint(l.n_centroids, (l.n_subvectors,)), ())
+                            for l in plan.quantized})
+    arch = {"factory": "tiny_models:Tiny", "kwargs": {"plain_tensor": plain_tensor, "non_persistent": non_persistent}}
+    save_compressed(tmp_path / "tiny.bgd", model, plan, arch)
+    loaded = load_compressed(tmp_path / "tiny.bgd")
+    model.load_state_dict(fp16_rounded_state(model))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 # ----------------------------------------------------------------------------- bad files
 
 @pytest.mark.parametrize("keep", ["half_payload", "one_byte_short", "in_header", "in_prefix", "in_magic"])
@@ -393,7 +439,7 @@ def test_state_mismatch_names_keys(copy_of):
 def test_wrong_kwargs_and_inconsistent_table(copy_of):
     path = copy_of()
     rewrite_header(path, lambda h: h["arch"]["kwargs"].update(num_classes=10))
-    with pytest.raises(FormatError, match=r"layer 'fc'.*differs from the plan"):
+    with pytest.raises(FormatError, match=r"layer 'fc': architecture .*num_classes.: 10.*the plan says"):
         load_compressed(path)
     path = copy_of("b.bgd")
     rewrite_header(path, lambda h: h["tensors"]["fc.bias"].update(nbytes=3))

@@ -6,6 +6,7 @@ Pure functions over tensors; device and dtype follow the weight.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -86,15 +87,18 @@ def _argmin_rows(scores: Tensor) -> Tensor:
 
 
 def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | None = None,
-             chunk: int = 2048) -> Tensor:
+             chunk: int | None = None) -> Tensor:
     """argmin_c (w - c)ᵀ G (w - c) for each row of w (N, d), via cᵀGc - 2 wᵀGc.
 
-    Chunked so the (chunk, K) score matrix stays in cache. With ``current``
+    Chunked so the (chunk, K) score matrix stays in cache (CPU; default 2048
+    rows, 65536 on accelerators). With ``current``
     (N,) given, a row keeps its current centroid whenever that one attains the
     row minimum (ties favour the current assignment) and the full argmin is
     only computed for the rows where it does not, which after the first few
     k-means iterations are few.
     """
+    if chunk is None:
+        chunk = 2048 if w.device.type == "cpu" else 65536
     cg = centroids @ metric                       # (K, d)
     c_norm = (centroids * cg).sum(1)              # (K,)
     cg_t = cg.T.contiguous()
@@ -122,7 +126,7 @@ def _quad(diff: Tensor, metric: Tensor) -> Tensor:
     return ((diff @ metric) * diff).sum(1).clamp_min(0)
 
 
-def _assign(w: Tensor, centroids: Tensor, metric: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+def _assign(w: Tensor, centroids: Tensor, metric: Tensor, chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """argmin_c (w - c)ᵀ G (w - c) for each row of w; returns (assignments, distance)."""
     assignments = _nearest(w, centroids, metric, chunk=chunk)
     return assignments, _quad(w - centroids[assignments], metric)
@@ -233,8 +237,12 @@ def fit_codebook(
     increase beyond float64 rounding. When K >= the number of distinct
     subvectors, every distinct subvector becomes a centroid (the optimum).
     """
-    if not isinstance(n_centroids, int) or n_centroids < 1:
-        raise ValueError(f"layer {name!r}: n_centroids must be an integer >= 1, got {n_centroids!r}")
+    try:
+        n_centroids = operator.index(n_centroids)
+    except TypeError:
+        raise ValueError(f"layer {name!r}: n_centroids must be an integer, got {n_centroids!r}") from None
+    if n_centroids < 1:
+        raise ValueError(f"layer {name!r}: n_centroids must be >= 1, got {n_centroids}")
     if n_iter < 0:
         raise ValueError(f"layer {name!r}: n_iter must be >= 0, got {n_iter}")
     if init not in INITS:
@@ -250,9 +258,9 @@ def fit_codebook(
     if tuple(metric.shape) != (block_size, block_size):
         raise ValueError(f"layer {name!r}: metric shape {tuple(metric.shape)} != ({block_size}, {block_size})")
     _check_finite(metric, "the statistics", name)
-    metric = metric.to(device=w.device, dtype=w.dtype)
-    metric = (metric + metric.T) / 2
-    metric64 = metric.double()
+    metric64 = metric.to(device=w.device, dtype=torch.float64)
+    metric64 = (metric64 + metric64.T) / 2        # exact metric: objective and tie-breaking
+    metric = metric64.to(w.dtype)                 # working precision: nearest-centroid search
     w64 = w.double()
     n = w.shape[0]
     distinct = torch.unique(w, dim=0)

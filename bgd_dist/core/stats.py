@@ -121,6 +121,9 @@ class IdentityStats:
         pass
 
     def merge(self, other: "IdentityStats") -> "IdentityStats":
+        if not isinstance(other, IdentityStats) or other.block_size != self.block_size \
+                or other.geometry != self.geometry:
+            raise ValueError(f"layer {self.layer!r}: cannot merge statistics of a different layer or block size")
         return self
 
     def metric(self) -> Tensor:

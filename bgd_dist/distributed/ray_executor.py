@@ -179,6 +179,10 @@ class RayExecutor(Executor):
                 progress(name, codebook, seconds)
         return {job.name: out[job.name] for job in jobs}
 
+    def load_compressed(self, path: str) -> None:
+        self._payload_ref = None
+        self._call_all(lambda i: self.actors[i].load_compressed.remote(path))
+
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, which, max_images) -> list:
         n = len(self.actors)
