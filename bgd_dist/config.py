@@ -138,6 +138,7 @@ class QuantizeConfig:
     n_centroids: int = 256
     n_iter: int = 100
     init: str = "random"
+    refine: str = "hartigan"          # k-means iterations: hartigan (Lloyd + exact Hartigan moves) | lloyd
     objective: str = "paper"          # paper (pooled Gram) | weights (identity metric)
     clamp: bool = True
     n_calibration: int = 1024         # calibration images per stage
@@ -149,6 +150,8 @@ class QuantizeConfig:
             raise ValueError("rules: at least one rule is required")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective: unknown value {self.objective!r}; expected one of {OBJECTIVES}")
+        if self.refine not in ("hartigan", "lloyd"):
+            raise ValueError(f"refine: unknown value {self.refine!r}; expected hartigan or lloyd")
         if self.init not in ("random", "kmeans++"):
             raise ValueError(f"init: unknown value {self.init!r}; expected random or kmeans++")
         for key in ("n_centroids", "n_iter", "n_calibration", "batch_size"):

@@ -222,7 +222,7 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
                     metric = stats[l.name].metric()
                 weight = get_submodule(student, l.name).weight.detach().cpu()
                 jobs.append(FitJob(l.name, weight, l.geometry, metric, l.n_centroids, l.block_size, q.n_iter,
-                                   q.init, q.seed + l.order))
+                                   q.init, q.seed + l.order, q.refine))
             with tqdm(total=len(jobs), desc=f"fit {s}", unit="layer", leave=False, disable=not progress) as fbar:
                 fitted = executor.fit(jobs, progress=lambda *a: fbar.update())
             times["fit"] += time.perf_counter() - t

@@ -36,6 +36,7 @@ class FitJob:
     n_iter: int
     init: str
     seed: int
+    refine: str = "hartigan"
 
 
 def run_fit(job: FitJob) -> tuple[Codebook, float]:
@@ -43,7 +44,7 @@ def run_fit(job: FitJob) -> tuple[Codebook, float]:
     start = time.perf_counter()
     try:
         codebook = fit_codebook(job.weight, job.geometry, job.metric, job.n_centroids, job.block_size,
-                                job.n_iter, job.init, job.seed, job.name)
+                                job.n_iter, job.init, job.seed, job.name, job.refine)
     except Exception as e:
         raise RuntimeError(f"codebook fit failed for layer {job.name!r}: {e}") from e
     return codebook, time.perf_counter() - start

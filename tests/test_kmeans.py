@@ -6,7 +6,13 @@ import warnings
 import pytest
 import torch
 
-from bgd_dist.core.kmeans import _argmin_rows, clamp_n_centroids, fit_codebook, relative_error
+from bgd_dist.core.kmeans import (
+    _argmin_rows,
+    _hartigan_moves,
+    clamp_n_centroids,
+    fit_codebook,
+    relative_error,
+)
 from bgd_dist.core.layouts import LayerGeometry, to_subvectors
 
 
@@ -44,10 +50,11 @@ def _objective(weight, geometry, codebook, metric, block_size):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("metric_kind", ["gram", "identity", "rank_deficient"])
 @pytest.mark.parametrize("init", ["random", "kmeans++"])
-def test_objective_never_increases(seed, metric_kind, init):
+@pytest.mark.parametrize("refine", ["hartigan", "lloyd"])
+def test_objective_never_increases(seed, metric_kind, init, refine):
     metric = {"gram": _gram(9, seed), "identity": None, "rank_deficient": _gram(9, seed, rank=4)}[metric_kind]
     weight = _weight(seed=seed)
-    cb = fit_codebook(weight, CONV, metric, 32, 9, n_iter=30, init=init, seed=seed)
+    cb = fit_codebook(weight, CONV, metric, 32, 9, n_iter=30, init=init, seed=seed, refine=refine)
     obj = cb.objective
     assert len(obj) == 31
     for before, after in zip(obj, obj[1:]):
@@ -61,10 +68,11 @@ def test_objective_never_increases(seed, metric_kind, init):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_objective_never_increases_on_larger_layer(dtype):
+@pytest.mark.parametrize("refine", ["hartigan", "lloyd"])
+def test_objective_never_increases_on_larger_layer(dtype, refine):
     geometry = LayerGeometry("conv2d", (128, 64, 3, 3))  # 8192 subvectors, chunked E-step
     weight = _weight(geometry, seed=4, dtype=dtype)
-    cb = fit_codebook(weight, geometry, _gram(9, 4), 256, 9, n_iter=15, seed=4)
+    cb = fit_codebook(weight, geometry, _gram(9, 4), 256, 9, n_iter=15, seed=4, refine=refine)
     obj = cb.objective
     assert all(b <= a + 1e-12 * obj[0] for a, b in zip(obj, obj[1:])), obj
     assert obj[-1] == pytest.approx(_objective(weight, geometry, cb, _gram(9, 4), 9), rel=1e-9)
@@ -78,12 +86,13 @@ def test_more_centroids_give_lower_objective():
     assert finals == sorted(finals, reverse=True) and len(set(finals)) == 4, finals
 
 
-def test_seed_determines_the_codebook():
+@pytest.mark.parametrize("refine", ["hartigan", "lloyd"])
+def test_seed_determines_the_codebook(refine):
     weight, metric = _weight(seed=5), _gram(9, 5)
     for init in ("random", "kmeans++"):
-        a = fit_codebook(weight, CONV, metric, 16, 9, n_iter=10, init=init, seed=7)
-        b = fit_codebook(weight, CONV, metric, 16, 9, n_iter=10, init=init, seed=7)
-        c = fit_codebook(weight, CONV, metric, 16, 9, n_iter=10, init=init, seed=8)
+        a = fit_codebook(weight, CONV, metric, 16, 9, n_iter=10, init=init, seed=7, refine=refine)
+        b = fit_codebook(weight, CONV, metric, 16, 9, n_iter=10, init=init, seed=7, refine=refine)
+        c = fit_codebook(weight, CONV, metric, 16, 9, n_iter=10, init=init, seed=8, refine=refine)
         assert torch.equal(a.centroids, b.centroids) and torch.equal(a.assignments, b.assignments)
         assert a.objective == b.objective
         assert not torch.equal(a.centroids, c.centroids)
@@ -203,6 +212,8 @@ def test_invalid_arguments_are_errors():
     with pytest.raises(ValueError, match="fc"):
         fit_codebook(_weight(), CONV, None, 4, 9, init="farthest", name="fc")
     with pytest.raises(ValueError, match="fc"):
+        fit_codebook(_weight(), CONV, None, 4, 9, refine="elkan", name="fc")
+    with pytest.raises(ValueError, match="fc"):
         fit_codebook(_weight(), CONV, None, 4, 5, name="fc")          # 5 does not divide 144
     with pytest.raises(ValueError, match="fc"):
         fit_codebook(_weight(), CONV, torch.eye(4), 4, 9, name="fc")
@@ -255,6 +266,105 @@ def test_clamp_rule_on_paper_layers(shape, block_size, requested, expected):
 def test_clamp_rule_is_strictly_below_a_quarter(n_sub, expected):
     assert clamp_n_centroids(10**6, n_sub) == expected
     assert clamp_n_centroids(3, n_sub) == min(3, expected)
+
+
+def _sse(w64, assignments, metric64, k):
+    """Σ_i (w_i − μ_a(i))ᵀ G (w_i − μ_a(i)) with the exact float64 means."""
+    counts = torch.bincount(assignments, minlength=k)
+    means = torch.zeros(k, w64.shape[1], dtype=torch.float64).index_add_(0, assignments, w64)
+    means = means / counts.clamp_min(1).unsqueeze(1)
+    diff = w64 - means[assignments]
+    return float(((diff @ metric64) * diff).sum()), means, counts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hartigan_round_gains_are_exact(seed, dtype):
+    """One round on a random partition: every cluster takes part in one move at most,
+    every gain is positive, and the objective (with exact means) drops by their sum."""
+    gen = _gen(seed)
+    k, n = 24, 300
+    w64 = torch.randn(n, 9, generator=gen, dtype=torch.float64)
+    metric64 = _gram(9, seed)
+    assignments = torch.arange(n) % k
+    assignments = assignments[torch.randperm(n, generator=gen)]
+    before, means, counts = _sse(w64, assignments, metric64, k)
+    frozen = torch.zeros(k, dtype=torch.bool)
+    frozen[:3] = True
+    x_aug = torch.cat([w64, ((w64 @ metric64) * w64).sum(1, keepdim=True)], 1).to(dtype)
+    rows, dst, gain, share = _hartigan_moves(x_aug, w64, means.to(dtype), means, metric64.to(dtype),
+                                             metric64, assignments, counts, frozen)
+    assert rows.numel() > 1                                  # a random partition is far from stable
+    assert 0 < share <= 1                                    # ... and has pending Lloyd moves
+    src = assignments[rows]
+    clusters = torch.cat([src, dst])
+    assert clusters.unique().numel() == clusters.numel()    # disjoint pairs
+    assert not frozen[clusters].any() and (dst != src).all()
+    assert (gain > 0).all() and torch.equal(gain, gain.sort(descending=True).values)
+    moved = assignments.clone()
+    moved[rows] = dst
+    after, _, _ = _sse(w64, moved, metric64, k)
+    assert before - after == pytest.approx(float(gain.sum()), rel=1e-9)
+
+
+def test_hartigan_leaves_a_lloyd_fixed_point_that_lloyd_cannot():
+    """Scalars 0, 2, 3.1 and K = 2. From the centroids {2, 3.1}, Lloyd converges to
+    {0, 2} | {3.1} (SSE 2: 2 is closer to 1 than to 3.1) and stays there; moving 2 over
+    lowers the SSE to 0.605 ({0} | {2, 3.1}), which one Hartigan round finds."""
+    geometry = LayerGeometry("linear", (3, 1))
+    weight = torch.tensor([[0.0], [2.0], [3.1]], dtype=torch.float64)
+    total = 0.0 + 4.0 + 3.1 ** 2
+    stuck = 0
+    for seed in range(8):
+        lloyd = fit_codebook(weight, geometry, None, 2, 1, n_iter=5, seed=seed, refine="lloyd")
+        hart = fit_codebook(weight, geometry, None, 2, 1, n_iter=5, seed=seed)
+        assert hart.objective[-1] == pytest.approx(0.605 / total, rel=1e-12)   # the optimum, every seed
+        assert hart.objective[0] == lloyd.objective[0]                          # same initial E-step
+        if lloyd.objective[-1] == pytest.approx(2.0 / total, rel=1e-12):
+            stuck += 1
+            assert hart.objective[1] < lloyd.objective[1] == lloyd.objective[-1]
+            assert set(lloyd.assignments.tolist()) == {0, 1} and lloyd.assignments[0] == lloyd.assignments[1]
+        assert torch.equal(hart.decode(geometry)[1:], torch.full((2, 1), 2.55, dtype=torch.float64))
+    assert stuck > 0                                         # the case is exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hartigan_beats_lloyd_with_few_subvectors_per_centroid(dtype):
+    """16 subvectors per centroid, as for a 64x64 3x3 conv with K = 256: at the same
+    iteration count the Hartigan rounds give a lower objective than plain Lloyd."""
+    geometry = LayerGeometry("conv2d", (64, 16, 3, 3))     # 1024 subvectors, K = 64
+    ratios = []
+    for seed in range(3):
+        weight, metric = _weight(geometry, seed=seed, dtype=dtype), _gram(9, seed)
+        hart = fit_codebook(weight, geometry, metric, 64, 9, n_iter=20, seed=seed)
+        lloyd = fit_codebook(weight, geometry, metric, 64, 9, n_iter=20, seed=seed, refine="lloyd")
+        assert hart.objective[0] == lloyd.objective[0]
+        assert all(b <= a + 1e-12 * hart.objective[0] for a, b in zip(hart.objective, hart.objective[1:]))
+        assert hart.objective[-1] < lloyd.objective[-1]
+        ratios.append(hart.objective[-1] / lloyd.objective[-1])
+    assert sum(ratios) / len(ratios) < 0.99, ratios
+
+
+def test_hartigan_fixed_point_has_no_improving_single_move():
+    """Run to convergence: no single move of one subvector (with both means updated)
+    lowers the objective, checked by brute force over every (subvector, cluster)."""
+    weight, metric = _weight(seed=6, dtype=torch.float64), _gram(9, 6)
+    k = 12
+    cb = fit_codebook(weight, CONV, metric, k, 9, n_iter=100, seed=0)
+    assert cb.objective[-1] == cb.objective[-2]
+    w64 = to_subvectors(weight, CONV, 9)
+    sse, means, counts = _sse(w64, cb.assignments, metric, k)
+    assert sse / float(((w64 @ metric) * w64).sum()) == pytest.approx(cb.objective[-1], rel=1e-9)
+    torch.testing.assert_close(cb.centroids, means, rtol=1e-12, atol=1e-12)
+    diff = w64[:, None, :] - means[None]                                       # (N, K, d)
+    dist = ((diff @ metric) * diff).sum(-1)                                    # (N, K)
+    n = counts.double()
+    a = cb.assignments
+    own = dist[torch.arange(len(a)), a] * n[a] / (n[a] - 1).clamp_min(1)
+    own[n[a] < 2] = 0.0
+    gain = own[:, None] - dist * n / (n + 1)
+    gain[torch.arange(len(a)), a] = 0.0
+    assert float(gain.max()) <= 1e-12 * sse
 
 
 def test_fast_argmin_finds_the_row_minimum():

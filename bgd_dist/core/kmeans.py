@@ -16,6 +16,10 @@ from torch import Tensor
 from .layouts import LayerGeometry, from_subvectors, to_subvectors
 
 INITS = ("random", "kmeans++")
+REFINES = ("hartigan", "lloyd")
+# refine="hartigan": an iteration runs the Lloyd E-step while the previous iteration's
+# Lloyd moves (done or pending) touched more than this share of the clusters
+_LLOYD_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -25,8 +29,9 @@ class Codebook:
     centroids: (n_centroids, block_size); assignments: (n_subvectors,) int64 in
     the reference's unrolled order; objective: the relative objective
     ``Σ_i (w_i - c_a(i))ᵀ G (w_i - c_a(i)) / Σ_i w_iᵀ G w_i`` after each
-    assignment step (``n_iter + 1`` values, the last one for the returned
-    codebook).
+    iteration's assignment step (E-step, then Hartigan round when enabled; see
+    :func:`fit_codebook`): ``n_iter + 1`` values, non-increasing, the last one
+    for the returned codebook.
     """
 
     centroids: Tensor
@@ -132,6 +137,99 @@ def _assign(w: Tensor, centroids: Tensor, metric: Tensor, chunk: int | None = No
     return assignments, _quad(w - centroids[assignments], metric)
 
 
+def _greedy_matching(src: Tensor, dst: Tensor) -> Tensor:
+    """Greedy matching of the moves ``src[j] -> dst[j]`` (sorted by decreasing gain).
+
+    Returns the positions of the moves kept: best gain first, a move is skipped when
+    one of its two clusters already takes part in a kept move.
+    """
+    taken: set[int] = set()
+    kept = []
+    for j, (s, t) in enumerate(zip(src.tolist(), dst.tolist())):
+        if s not in taken and t not in taken:
+            taken.update((s, t))
+            kept.append(j)
+    return torch.tensor(kept, dtype=torch.long, device=src.device)
+
+
+def _hartigan_moves(x_aug: Tensor, w64: Tensor, centroids: Tensor, means: Tensor, metric: Tensor,
+                    metric64: Tensor, assignments: Tensor, counts: Tensor, frozen: Tensor,
+                    chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor, float]:
+    """One batched Hartigan round: moves that lower the objective once the means are updated.
+
+    Moving subvector ``i`` from cluster ``a`` (``n_a >= 2`` members, mean ``μ_a``) to
+    ``b`` (``n_b`` members, mean ``μ_b``) and re-centring both changes the objective by
+    ``n_b/(n_b+1)·d(i, μ_b) − n_a/(n_a−1)·d(i, μ_a)`` exactly (``d`` = squared G-distance).
+    This can be negative while ``d(i, μ_b) > d(i, μ_a)``: a Lloyd fixed point need not
+    be a Hartigan fixed point, and they differ most when clusters are small (few
+    subvectors per centroid).
+
+    x_aug: (N, d+1) rows ``[w_i, w_iᵀGw_i]`` in working precision; w64: (N, d) the
+    subvectors in float64; centroids: (K, d) working precision, ≈ ``means``, used to
+    propose moves; means: (K, d) float64, the exact mean of the members of every
+    cluster that is not frozen; assignments: (N,); counts: (K,); frozen: (K,) bool,
+    the clusters that must not take part (those changed by this iteration's Lloyd
+    moves). Every row of a non-frozen cluster with >= 2 members proposes its best
+    destination among the non-frozen clusters (working-precision distances, one
+    (chunk, K) matmul per chunk as in the E-step); the gain of each proposal is
+    recomputed in float64 with the exact means, and the proposals with a positive
+    gain are greedily matched by decreasing gain so that every cluster takes part in
+    at most one move: the kept gains are then exact and add up.
+    Returns (rows moved (M,), their destinations (M,), gains (M,) float64, share):
+    share is the fraction of the K clusters that the proposals with a positive gain
+    that are also Lloyd moves (``d(i, μ_b) < d(i, μ_a)``) touch, kept or not.
+    """
+    if chunk is None:
+        chunk = 2048 if x_aug.device.type == "cpu" else 65536
+    device, dtype = x_aug.device, x_aug.dtype
+    k = counts.shape[0]
+    none = (torch.zeros(0, dtype=torch.long, device=device),) * 2 + (
+        torch.zeros(0, dtype=torch.float64, device=device), 0.0)
+    allowed = ~frozen
+    rows = torch.nonzero(allowed[assignments] & (counts[assignments] >= 2)).flatten()
+    if rows.numel() == 0 or int(allowed.sum()) < 2:
+        return none
+    cnt = counts.to(dtype)
+    grow = cnt / (cnt + 1)                                           # n_b / (n_b + 1)
+    own_factor = (cnt + 1) / (cnt - 1).clamp_min(1)                  # (n_a/(n_a-1)) / (n_a/(n_a+1))
+    # cost(i, b) = n_b/(n_b+1)·(w_iᵀGw_i - 2 w_iᵀGc_b + c_bᵀGc_b): one matmul of the rows
+    # [w_i, w_iᵀGw_i] with the columns [-2 n_b/(n_b+1)·Gc_b ; n_b/(n_b+1)], plus a bias
+    # (+inf for the frozen clusters)
+    cg = centroids @ metric                                          # (K, d)
+    bias = torch.where(allowed, grow * (centroids * cg).sum(1), math.inf)
+    cols = torch.cat([-2 * cg * grow[:, None], grow[:, None]], 1).T.contiguous()   # (d+1, K)
+    cand_rows, cand_dst = [], []
+    buf = torch.empty(min(chunk, rows.shape[0]), k, dtype=dtype, device=device)
+    span = torch.arange(buf.shape[0], device=device)
+    for start in range(0, rows.shape[0], chunk):
+        r = rows[start:start + chunk]
+        own = assignments[r]
+        at = span[:r.shape[0]]
+        cost = torch.addmm(bias, x_aug[r], cols, out=buf[:r.shape[0]])   # (m, K)
+        own_cost = cost[at, own] * own_factor[own]                   # n_a/(n_a-1)·d(i, c_a)
+        cost[at, own] = math.inf
+        better = torch.nonzero(cost.amin(1) < own_cost).flatten()   # few rows: argmin on those only
+        cand_rows.append(r[better])
+        cand_dst.append(_argmin_rows(cost[better]))
+    i, b = torch.cat(cand_rows), torch.cat(cand_dst)
+    if i.numel() == 0:
+        return none
+    # exact gains, float64, exact means
+    a = assignments[i]
+    n64 = counts.to(torch.float64)
+    d_own = _quad(w64[i] - means[a], metric64)
+    d_dst = _quad(w64[i] - means[b], metric64)
+    gain = d_own * n64[a] / (n64[a] - 1) - d_dst * n64[b] / (n64[b] + 1)
+    pos = torch.nonzero(gain > 0).flatten()
+    closer = pos[d_dst[pos] < d_own[pos]]
+    lloyd = torch.zeros(k, dtype=torch.bool, device=device)
+    lloyd[a[closer]] = True
+    lloyd[b[closer]] = True
+    order = pos[torch.argsort(gain[pos], descending=True, stable=True)]
+    kept = order[_greedy_matching(a[order], b[order])]
+    return i[kept], b[kept], gain[kept], float(lloyd.double().mean())
+
+
 def _kmeanspp(w: Tensor, k: int, metric: Tensor, gen: torch.Generator) -> Tensor:
     """k-means++ seeding under the metric (distances in float64); returns (k, d) rows of w."""
     n = w.shape[0]
@@ -223,6 +321,7 @@ def fit_codebook(
     init: str = "random",
     seed: int = 0,
     name: str = "<layer>",
+    refine: str = "hartigan",
 ) -> Codebook:
     """k-means of the layer's subvectors under ``metric`` (d x d, PSD; None = identity).
 
@@ -231,10 +330,41 @@ def fit_codebook(
     :func:`clamp_n_centroids` before, as the plan does). Terminates after exactly
     ``n_iter`` iterations; empty clusters are repaired by a bounded split.
 
+    One iteration = one M-step (the centroid of every cluster whose members
+    changed becomes their mean, after the bounded repair of empty clusters), then
+    one assignment step, which scores every subvector against every centroid
+    once or twice. Iteration 0 is an assignment step against the initial
+    centroids alone, so ``n_iter`` iterations compare with ``n_iter`` iterations
+    of the reference's EM plus its initial assignment.
+
+    - ``refine="lloyd"``: the assignment step is the Lloyd E-step (nearest centroid).
+    - ``refine="hartigan"`` (default): while Lloyd moves touch more than half of
+      the clusters (``_LLOYD_SHARE``), the E-step followed by one batched
+      Hartigan round (:func:`_hartigan_moves`, a second pass as large as the
+      E-step) on the clusters the E-step left unchanged; afterwards the Hartigan
+      round alone (one pass), which also reports the Lloyd moves still pending,
+      and the E-step comes back if those touch more than half of the clusters.
+
+    Why Hartigan rounds: with few subvectors per centroid (e.g. 16 for a 64x64
+    3x3 conv with K = 256), Lloyd stalls at a fixed point that is not a local
+    minimum of the objective once centroids follow their members: moving ``i``
+    from ``a`` to ``b`` and re-centring both lowers the objective whenever
+    ``n_b/(n_b+1)·d(i,b) < n_a/(n_a−1)·d(i,a)``, even if ``b`` is farther than
+    ``a``. A round keeps the best such moves so that every cluster takes part
+    in at most one (greedy matching by gain), which makes every gain exact, and
+    only among clusters the E-step's moves did not touch (their part of the
+    objective is bounded with their old centroids): the objective decreases by
+    the sum of the gains. The moved clusters get their new means at once.
+
     The objective is evaluated in float64 with explicit ``(w-c)ᵀG(w-c)``; an
-    assignment only changes when the new centroid is strictly closer under that
-    exact distance, and centroids are float64 means, so the objective does not
-    increase beyond float64 rounding. When K >= the number of distinct
+    E-step assignment only changes when the new centroid is strictly closer
+    under that exact distance, Hartigan gains are computed in float64 with the
+    exact means (and a round whose result, after rounding the new means to the
+    working precision, would not be lower is dropped), and centroids are
+    float64 means, so the objective does not increase beyond float64 rounding.
+    ``Codebook.objective`` holds the objective after iteration 0 and after each
+    iteration's assignment step: ``n_iter + 1`` values, the last one that of the
+    returned codebook. When K >= the number of distinct
     subvectors, every distinct subvector becomes a centroid (the optimum).
     """
     try:
@@ -245,6 +375,8 @@ def fit_codebook(
         raise ValueError(f"layer {name!r}: n_centroids must be >= 1, got {n_centroids}")
     if n_iter < 0:
         raise ValueError(f"layer {name!r}: n_iter must be >= 0, got {n_iter}")
+    if refine not in REFINES:
+        raise ValueError(f"layer {name!r}: unknown refine {refine!r}; expected one of {REFINES}")
     if init not in INITS:
         raise ValueError(f"layer {name!r}: unknown init {init!r}; expected one of {INITS}")
     if tuple(weight.shape) != tuple(geometry.weight_shape):
@@ -285,39 +417,88 @@ def fit_codebook(
     total = float((metric64 * (w64.T @ w64)).sum())
     scale = total if total > 0 else 1.0
 
+    if refine == "hartigan":
+        x_aug = torch.cat([w, ((w64 @ metric64) * w64).sum(1, keepdim=True).to(w.dtype)], 1)   # (N, d+1)
     objective: list[float] = []
     repaired = 0
     assignments: Tensor | None = None
+    means64 = centroids.double()                  # (K, d) float64 mean of every clean cluster
+    stale = torch.ones(k, dtype=torch.bool, device=w.device)   # centroid to recompute at the M-step
+    lloyd_share = 1.0                             # see _LLOYD_SHARE
     for it in range(n_iter + 1):
         c64 = centroids.double()
-        proposed = _nearest(w, centroids, metric, assignments)
-        if assignments is not None:
+        previous = assignments
+        e_step = previous is None or refine == "lloyd" or lloyd_share > _LLOYD_SHARE
+        proposed = _nearest(w, centroids, metric, assignments) if e_step else previous.clone()
+        if previous is not None and e_step:
             # a point moves only if the new centroid is strictly closer under the exact distance
-            changed = torch.nonzero(proposed != assignments).flatten()
+            changed = torch.nonzero(proposed != previous).flatten()
             if changed.numel():
                 wc = w64[changed]
                 d_new = _quad(wc - c64[proposed[changed]], metric64)
-                d_old = _quad(wc - c64[assignments[changed]], metric64)
+                d_old = _quad(wc - c64[previous[changed]], metric64)
                 kept = changed[d_old <= d_new]
-                proposed[kept] = assignments[kept]
+                proposed[kept] = previous[kept]
         assignments = proposed
+        if previous is not None:
+            lloyd = torch.nonzero(assignments != previous).flatten()
+            stale[previous[lloyd]] = True
+            stale[assignments[lloyd]] = True
+            lloyd_share = float(stale.double().mean())
         diff = w64 - c64.index_select(0, assignments)                   # (N, d)
         # Σ_i diff_iᵀ G diff_i = <G, diffᵀ diff>
-        objective.append(float((metric64 * (diff.T @ diff)).sum()) / scale)
+        value = float((metric64 * (diff.T @ diff)).sum())
+        if refine == "hartigan" and previous is not None:
+            # clusters changed by the Lloyd moves above keep their (old) centroids, which
+            # bounds their part of the objective; the others take batched Hartigan moves
+            counts = torch.bincount(assignments, minlength=k)
+            rows, dst, _, pending = _hartigan_moves(x_aug, w64, centroids, means64, metric, metric64,
+                                                    assignments, counts, stale)
+            if not e_step:
+                lloyd_share = pending
+            if rows.numel():
+                src = assignments[rows]
+                moved = assignments.clone()
+                moved[rows] = dst
+                # every cluster takes part in one move at most: update both means in place
+                n64 = counts.to(torch.float64)
+                m_src = means64[src] + (means64[src] - w64[rows]) / (n64[src] - 1).unsqueeze(1)
+                m_dst = means64[dst] + (w64[rows] - means64[dst]) / (n64[dst] + 1).unsqueeze(1)
+                recentred = centroids.clone()
+                recentred[src] = m_src.to(w.dtype)
+                recentred[dst] = m_dst.to(w.dtype)
+                r64 = recentred.double()
+                r_diff = w64 - r64.index_select(0, moved)
+                r_value = float((metric64 * (r_diff.T @ r_diff)).sum())
+                # the gains are exact in float64; this only guards against the rounding of
+                # the new means to the working precision
+                if r_value <= value:
+                    assignments, centroids, c64, diff, value = moved, recentred, r64, r_diff, r_value
+                    means64[src] = m_src
+                    means64[dst] = m_dst
+        objective.append(value / scale)
         if it == n_iter:
             break
         counts = torch.bincount(assignments, minlength=k)
         if bool((counts == 0).any()):
+            before = assignments
             assignments, n_rep = _repair_empty(w, assignments, counts, centroids)
             if n_rep:
+                split = torch.nonzero(assignments != before).flatten()
+                stale[before[split]] = True
+                stale[assignments[split]] = True
                 repaired += n_rep
                 counts = torch.bincount(assignments, minlength=k)
                 # moved points sit on an exact copy of their old centroid: diff is unchanged
                 c64 = centroids.double()
         # M-step: the mean, computed as centroid + mean offset in float64 (exact when all
-        # members coincide with the centroid)
+        # members coincide with the centroid), for the clusters whose members changed since
+        # their centroid was set (the others keep it: once nothing moves, nothing changes)
         shift = torch.zeros(k, w.shape[1], dtype=torch.float64, device=w.device).index_add_(0, assignments, diff)
-        centroids = (c64 + shift / counts.clamp_min(1).unsqueeze(1).to(torch.float64)).to(w.dtype)
+        fresh = c64 + shift / counts.clamp_min(1).unsqueeze(1).to(torch.float64)
+        means64 = torch.where(stale.unsqueeze(1), fresh, means64)
+        centroids = torch.where(stale.unsqueeze(1), fresh.to(w.dtype), centroids)
+        stale.zero_()
     return Codebook(centroids, assignments, tuple(objective), repaired)
 
 
