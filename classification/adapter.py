@@ -63,7 +63,42 @@ def images_of(batch) -> Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-class ClassificationAdapter:
+class ClassifierAdapter:
+    """What every image classifier shares: batches are images (calibration, distillation) or
+    ``(images, labels)`` (evaluation), the network returns logits, the loss is the KL
+    distillation loss, the evaluator scores top-1 / top-5. Subclasses provide the models
+    and the data (``build_model``, ``arch``, ``example_batch`` and the batch streams)."""
+
+    def example_batch(self, batch_size: int = 1) -> Tensor:
+        raise NotImplementedError
+
+    def trace(self, model: nn.Module):
+        model.eval()
+        device = next(model.parameters()).device
+        return model(self.example_batch().to(device))
+
+    def to_device(self, batch, device):
+        if isinstance(batch, (tuple, list)):
+            return (batch[0].to(device), *batch[1:])
+        return batch.to(device)
+
+    def batch_len(self, batch) -> int:
+        return images_of(batch).shape[0]
+
+    def forward(self, model: nn.Module, batch) -> Tensor:
+        return model(images_of(batch))
+
+    def predict(self, model: nn.Module, batch) -> Tensor:
+        return model(images_of(batch))
+
+    def distill_loss(self, student_out: Tensor, teacher_out: Tensor) -> Tensor:
+        return kl_distill_loss(student_out, teacher_out)
+
+    def evaluator(self) -> TopKEvaluator:
+        return TopKEvaluator((1, 5))
+
+
+class ClassificationAdapter(ClassifierAdapter):
     """Adapter protocol over a torchvision classifier and ImageNet-style image folders."""
 
     def __init__(self, model_config, data_config: dict | None = None):
@@ -83,14 +118,9 @@ class ClassificationAdapter:
         return {"factory": "classification.models:build_classifier",
                 "kwargs": {"arch": self.model_config.arch, **self.model_config.kwargs}}
 
-    def example_batch(self, batch_size: int = 1) -> torch.Tensor:
+    def example_batch(self, batch_size: int = 1) -> Tensor:
         s = self.data.example_size
         return torch.zeros(batch_size, 3, s, s).normal_(generator=torch.Generator().manual_seed(0))
-
-    def trace(self, model: nn.Module):
-        model.eval()
-        device = next(model.parameters()).device
-        return model(self.example_batch().to(device))
 
     # -- data -----------------------------------------------------------------------------------
     def train_transform(self):
@@ -135,23 +165,3 @@ class ClassificationAdapter:
         keys = eval_indices(len(dataset), shard, n_shards, max_images).tolist()
         for images, labels in loader(dataset, batches_of(keys, self.data.eval_batch_size), self.data.num_workers):
             yield images, labels
-
-    # -- forward, loss, evaluation ------------------------------------------------------------------
-    def to_device(self, batch, device):
-        if isinstance(batch, (tuple, list)):
-            return (batch[0].to(device), *batch[1:])
-        return batch.to(device)
-
-    def batch_len(self, batch) -> int:
-        return images_of(batch).shape[0]
-
-    def forward(self, model: nn.Module, batch) -> Tensor:
-        return model(images_of(batch))
-
-    predict = forward
-
-    def distill_loss(self, student_out: Tensor, teacher_out: Tensor) -> Tensor:
-        return kl_distill_loss(student_out, teacher_out)
-
-    def evaluator(self) -> TopKEvaluator:
-        return TopKEvaluator((1, 5))

@@ -38,12 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bgd_dist.config import from_mapping
+from bgd_dist.config import MISSING, from_mapping, require
 from bgd_dist.io import atomic_write
 
-from .adapter import ClassificationAdapter, kl_distill_loss
+from .adapter import ClassifierAdapter
 from .data import calibration_indices, eval_indices, global_batches, item_seed
-from .evaluation import TopKEvaluator
 from .models import load_state_dict
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,11 @@ RECIPE_VERSION = 1      # bump when the training code changes: invalidates cache
 @lru_cache(maxsize=1)
 def digit_arrays() -> tuple[Tensor, Tensor]:
     """All 1797 digits: ``(images (1797, 8, 8) float32 in [0, 1], labels (1797,) int64)``."""
-    from sklearn.datasets import load_digits
-
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the digits check needs scikit-learn (it ships the dataset): "
+                          "pip install scikit-learn, or pip install -e '.[dev]'") from None
     d = load_digits()
     images = torch.as_tensor(d.images, dtype=torch.float32) / 16.0
     labels = torch.as_tensor(d.target, dtype=torch.int64)
@@ -296,7 +298,7 @@ class DigitsData:
         split_indices(self.n_heldout, self.split_seed)  # validates n_heldout
 
 
-class DigitsAdapter(ClassificationAdapter):
+class DigitsAdapter(ClassifierAdapter):
     """Adapter protocol over :func:`digits_resnet` and the digits split (``model.arch: digits_resnet``).
 
     ``model.kwargs`` (``width``, ``blocks``) are the architecture's; ``model.checkpoint``
@@ -325,6 +327,8 @@ class DigitsAdapter(ClassificationAdapter):
     # -- models ---------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         ckpt = self.model_config.checkpoint
+        if ckpt == MISSING:
+            require(None, "model.checkpoint")
         if ckpt:
             model = digits_resnet(**self.model_config.kwargs)
             model.load_state_dict(load_state_dict(ckpt))
@@ -365,9 +369,3 @@ class DigitsAdapter(ClassificationAdapter):
         """All held-out ``(images (400, 1, s, s), labels)`` (tests and benchmarks)."""
         images, labels = digit_arrays()
         return render(images[self._held_idx], self.data.image_size), labels[self._held_idx]
-
-    def evaluator(self) -> TopKEvaluator:
-        return TopKEvaluator((1, 5))
-
-    def distill_loss(self, student_out: Tensor, teacher_out: Tensor) -> Tensor:
-        return kl_distill_loss(student_out, teacher_out)
