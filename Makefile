@@ -22,8 +22,10 @@ demo: $(STAMP)
 	$(VENV)/bin/bgd demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/em_speed.py
+	$(PY) -m benchmarks.em_speed
 	$(PY) benchmarks/decode_speed.py
+	$(PY) benchmarks/digits.py
+	$(PY) benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 REGISTRY = {
     "classification": "classification.adapter:ClassificationAdapter",
+    "digits": "classification.digits:DigitsAdapter",
     "maskrcnn": "detection.adapter:MaskRCNNAdapter",
     "detectron2": "detection.detectron2_adapter:Detectron2Adapter",
 }

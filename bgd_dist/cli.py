@@ -175,7 +175,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a compressed model file (model.bgd); default: the teacher")
     p.add_argument("--executor", choices=["ray", "serial"], help="override executor.kind")
     p.add_argument("--address", help="join an existing Ray cluster: auto or HOST:PORT")
-    p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
+    p.add_argument("--max-images", type=int, help="evaluate on a fixed subset of N images")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

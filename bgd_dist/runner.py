@@ -273,7 +273,8 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
                      result["losses"][0], result["losses"][-1])
             jlog.write("global", losses_start=result["losses"][0], losses_end=result["losses"][-1],
                        iterations=len(result["losses"]))
-        # export
+        # export: the file stores fp16 centroids; round the student so the metrics below are the file's
+        _round_centroids_fp16(student)
         t = time.perf_counter()
         from .fileformat import save_compressed
 
@@ -301,6 +302,12 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=float))
     jlog.write("report", **report)
     return report
+
+
+def _round_centroids_fp16(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for layer in pq_layers(model).values():
+            layer.centroids.copy_(layer.centroids.half().to(layer.centroids.dtype))
 
 
 def _apply_distill(student: torch.nn.Module, result: dict) -> None:
