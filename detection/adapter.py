@@ -32,10 +32,12 @@ intermediate results; :meth:`MaskRCNNAdapter.distill_loss` compares them:
 The RoI heads of teacher and student see the same boxes, so their outputs are
 comparable element by element (the student's own proposals would differ
 from the teacher's as soon as one layer is quantized). The total is
-``sum(weight[k] * term[k])`` with the weights of ``data.loss_weights``.
+``sum(weight[k] * term[k])`` with the weights of ``data.distill``. The heads
+run on the top ``box_rois`` proposals and ``mask_rois`` detections per image
+(statistics are collected on the same RoIs).
 ``data.loss: supervised`` instead uses the standard Mask R-CNN losses (RPN,
 box, mask) on labelled training images, as later work did; ``both`` adds them
-(weight ``loss_weights.supervised``) to the distillation terms.
+(weight ``distill.supervised``) to the distillation terms.
 
 Mode: torchvision switches Mask R-CNN to its loss code path in train mode, so
 :meth:`set_train_mode` keeps the detector in eval mode and only puts BatchNorm
@@ -64,7 +66,9 @@ LOSSES = ("distill", "supervised", "both")
 
 
 @dataclass(frozen=True)
-class LossWeights:
+class DistillSettings:
+    """``data.distill``: the weights of the loss terms and the RoIs they are computed on."""
+
     features: float = 1.0
     rpn_objectness: float = 1.0
     rpn_boxes: float = 1.0
@@ -73,14 +77,15 @@ class LossWeights:
     mask: float = 1.0
     supervised: float = 1.0     # the standard Mask R-CNN losses (loss: supervised or both)
     temperature: float = 1.0    # of the box classification KL
-    mask_rois: int = 8          # teacher detections per image the mask head is distilled on
+    box_rois: int = 64          # proposals per image the box head runs on (the top ones by objectness)
+    mask_rois: int = 8          # detections per image the mask head runs on (the top ones by score)
 
     def __post_init__(self):
         for k in ("features", "rpn_objectness", "rpn_boxes", "box_cls", "box_reg", "mask", "supervised"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k}: weights must be >= 0, got {getattr(self, k)}")
-        if self.temperature <= 0 or self.mask_rois < 1:
-            raise ValueError("temperature must be > 0 and mask_rois >= 1")
+        if self.temperature <= 0 or self.mask_rois < 1 or self.box_rois < 1:
+            raise ValueError("temperature must be > 0, box_rois and mask_rois >= 1")
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class DetectionData:
     hflip: bool = True                     # flip augmentation of the distillation batches
     category_ids: str = "auto"             # label <-> category id: auto | contiguous | identity
     loss: str = "distill"                  # distill | supervised | both
-    loss_weights: LossWeights = field(default_factory=LossWeights)
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -113,8 +118,9 @@ class MaskRCNNOutputs:
     Shapes for a batch of n images, A anchors in all, P_i proposals and M_i mask
     boxes of image i, C classes (background included):
     features: FPN levels ``{name: (n, c, h, w)}``; objectness (A, 1); rpn_deltas (A, 4);
-    proposals: list of (P_i, 4); class_logits (ΣP_i, C); box_deltas (ΣP_i, 4C);
-    mask_boxes: list of (M_i, 4); mask_labels, mask_scores (ΣM_i,); mask_logits (ΣM_i, 28, 28).
+    proposals: list of (P_i, 4); class_logits (ΣP_i, C); box_deltas (ΣP_i, C - 1, 4) for the
+    foreground classes, which are ``class_logits[:, foreground]``; mask_boxes: list of (M_i, 4);
+    mask_labels (the model's class index), mask_scores (ΣM_i,); mask_logits (ΣM_i, 28, 28).
     The RoI-head fields are None when the heads were deferred (gradient enabled:
     :meth:`MaskRCNNAdapter.distill_loss` runs them on the teacher's boxes).
     """
@@ -132,6 +138,7 @@ class MaskRCNNOutputs:
     mask_scores: Tensor | None = None
     mask_logits: Tensor | None = None
     supervised: dict | None = None
+    foreground: slice = field(default_factory=lambda: slice(1, None))  # torchvision: background is class 0
 
 
 @contextlib.contextmanager
@@ -319,8 +326,8 @@ class MaskRCNNAdapter:
                                                          per_level, targets)
             return out
         proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
-        out.proposals, _ = rpn.filter_proposals(proposals, objectness, out.image_sizes, per_level)
-        self._run_heads(out, out.proposals)
+        boxes, _ = rpn.filter_proposals(proposals, objectness, out.image_sizes, per_level)
+        self._run_heads(out, [b[:self.data.distill.box_rois] for b in boxes])  # sorted by objectness
         return out
 
     def _run_heads(self, out: MaskRCNNOutputs, proposals: list[Tensor], mask_from: MaskRCNNOutputs | None = None):
@@ -329,7 +336,8 @@ class MaskRCNNAdapter:
         roi = out.model.roi_heads
         box_features = roi.box_head(roi.box_roi_pool(out.features, proposals, out.image_sizes))
         out.proposals = proposals
-        out.class_logits, out.box_deltas = roi.box_predictor(box_features)
+        out.class_logits, deltas = roi.box_predictor(box_features)
+        out.box_deltas = deltas.reshape(len(deltas), -1, 4)[:, 1:]
         if not roi.has_mask():
             return out
         if mask_from is None:
@@ -346,12 +354,12 @@ class MaskRCNNAdapter:
         """Per image the ``mask_rois`` proposals of highest foreground probability, refined by the
         box deltas of their most probable class: (boxes list, labels, scores)."""
         roi = out.model.roi_heads
-        k = self.data.loss_weights.mask_rois
+        k = self.data.distill.mask_rois
         probs = F.softmax(out.class_logits, -1)
-        scores, labels = probs[:, 1:].max(1)
-        labels = labels + 1
-        decoded = roi.box_coder.decode(out.box_deltas, out.proposals)  # (ΣP, C, 4)
-        refined = decoded[torch.arange(len(labels), device=labels.device), labels]
+        scores, fg = probs[:, out.foreground].max(1)
+        decoded = roi.box_coder.decode(out.box_deltas.flatten(1), out.proposals)  # (ΣP, C - 1, 4)
+        refined = decoded[torch.arange(len(fg), device=fg.device), fg]
+        labels = fg + 1
         boxes, all_labels, all_scores = [], [], []
         start = 0
         for props, size in zip(out.proposals, out.image_sizes):
@@ -389,7 +397,7 @@ class MaskRCNNAdapter:
     def distill_loss(self, student_out: MaskRCNNOutputs, teacher_out: MaskRCNNOutputs) -> Tensor:
         """``sum(weight[k] * term[k])`` (module docstring); the terms of the last call are kept in
         ``self.last_terms`` (floats, for logging)."""
-        w = self.data.loss_weights
+        w = self.data.distill
         s, t = student_out, teacher_out
         terms: dict[str, Tensor] = {}
         if self.data.loss != "supervised":
@@ -407,7 +415,8 @@ class MaskRCNNAdapter:
                 if t.class_logits is None:
                     raise ValueError("distill_loss: the teacher's outputs lack the RoI heads (run the teacher "
                                      "under torch.no_grad())")
-                heads = MaskRCNNOutputs(s.model, s.features, s.image_sizes, s.objectness, s.rpn_deltas)
+                heads = MaskRCNNOutputs(s.model, s.features, s.image_sizes, s.objectness, s.rpn_deltas,
+                                        foreground=s.foreground)
                 self._run_heads(heads, t.proposals, mask_from=t)
                 if w.box_cls:
                     temp = w.temperature
@@ -415,11 +424,8 @@ class MaskRCNNAdapter:
                                                 F.softmax(t.class_logits / temp, -1),
                                                 reduction="batchmean") * temp ** 2
                 if w.box_reg:
-                    n_cls = t.class_logits.shape[1]
-                    p = F.softmax(t.class_logits, -1)[:, 1:]
-                    l1 = F.smooth_l1_loss(heads.box_deltas.reshape(-1, n_cls, 4)[:, 1:],
-                                          t.box_deltas.reshape(-1, n_cls, 4)[:, 1:], beta=1 / 9,
-                                          reduction="none").sum(-1)
+                    p = F.softmax(t.class_logits, -1)[:, t.foreground]
+                    l1 = F.smooth_l1_loss(heads.box_deltas, t.box_deltas, beta=1 / 9, reduction="none").sum(-1)
                     terms["box_reg"] = (p * l1).sum() / p.sum().clamp_min(1e-6)
                 if w.mask and t.mask_logits is not None and len(t.mask_logits):
                     per_roi = _binary_kl(heads.mask_logits, t.mask_logits).flatten(1).mean(1)
