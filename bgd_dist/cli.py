@@ -108,12 +108,12 @@ def cmd_eval(args) -> int:
             info = inspect_file(path)
             size_mb, ratio, label = info["accounted_mb"], info["ratio"], path.name
             executor.load_compressed(str(path))
-            metrics = evaluate(executor, adapter, "student", args.max_images or cfg.eval.max_images)
+            metrics = evaluate(executor, adapter, "student", args.max_images or cfg.eval.max_images, args.results)
         else:
             model = build_architecture(adapter.arch())
             report = size_report(model, plan_for(cfg, model, adapter))
             size_mb, ratio, label = report.uncompressed_mb, 1.0, f"{cfg.name} (teacher)"
-            metrics = evaluate(executor, adapter, "teacher", args.max_images or cfg.eval.max_images)
+            metrics = evaluate(executor, adapter, "teacher", args.max_images or cfg.eval.max_images, args.results)
     finally:
         executor.close()
     row = {"model": label, "size_mb": size_mb, "ratio": ratio, **metrics}
@@ -176,6 +176,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["ray", "serial"], help="override executor.kind")
     p.add_argument("--address", help="join an existing Ray cluster: auto or HOST:PORT")
     p.add_argument("--max-images", type=int, help="evaluate on a fixed subset of N images")
+    p.add_argument("--results", help="detection: write the detections to this COCO results json")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

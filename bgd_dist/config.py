@@ -207,8 +207,7 @@ class ExecutorConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = 64
-    max_images: int | None = None
+    max_images: int | None = None     # evaluate on a fixed subset (the adapter's data section sets batch sizes)
 
 
 @dataclass(frozen=True)

@@ -144,10 +144,16 @@ def make_executor(cfg: PipelineConfig, kind: str | None = None, address: str | N
                        num_gpus_per_worker=e.num_gpus_per_worker, max_in_flight=e.max_fit_tasks)
 
 
-def evaluate(executor: Executor, adapter, which: str, max_images: int | None) -> dict:
+def evaluate(executor: Executor, adapter, which: str, max_images: int | None,
+             results_path: str | Path | None = None) -> dict:
+    """Evaluate the workers' teacher or student on every shard, merge, score once. An
+    evaluator with ``write_results`` (COCO) also writes its detections to ``results_path``."""
     evaluator = adapter.evaluator()
     evaluator.merge(executor.evaluate(which, max_images))
-    return evaluator.result()
+    metrics = evaluator.result()
+    if results_path is not None and hasattr(evaluator, "write_results"):
+        evaluator.write_results(results_path)
+    return metrics
 
 
 def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = None, resume: bool = False,
@@ -183,7 +189,8 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
         metrics_before = None
         if do_eval:
             t = time.perf_counter()
-            metrics_before = evaluate(executor, adapter, "teacher", cfg.eval.max_images)
+            metrics_before = evaluate(executor, adapter, "teacher", cfg.eval.max_images,
+                                      out / "detections_teacher.json")
             times["eval"] += time.perf_counter() - t
             log.info("teacher: %s", metrics_before)
             jlog.write("eval", model="teacher", metrics=metrics_before)
@@ -286,7 +293,8 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
         if do_eval:
             t = time.perf_counter()
             executor.load_student(student_state(student))
-            metrics_after = evaluate(executor, adapter, "student", cfg.eval.max_images)
+            metrics_after = evaluate(executor, adapter, "student", cfg.eval.max_images,
+                                     out / "detections_student.json")
             times["eval"] += time.perf_counter() - t
             log.info("student: %s", metrics_after)
             jlog.write("eval", model="student", metrics=metrics_after)

@@ -82,20 +82,12 @@ def demo_config(out: Path, quick: bool, executor: str = "ray"):
     return load_pipeline(PIPELINE, overrides)
 
 
-def _evaluate(executor, adapter, which: str, max_images, results_path: Path) -> dict:
-    evaluator = adapter.evaluator()
-    evaluator.merge(executor.evaluate(which, max_images))
-    metrics = evaluator.result()
-    evaluator.write_results(results_path)
-    return metrics
-
-
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, executor: str = "ray",
              progress: bool = True) -> dict:
     """Steps 1-5 (module docstring); returns the report (also ``out/report.json``)."""
     from bgd_dist import load_compressed
     from bgd_dist.adapters import make_adapter
-    from bgd_dist.runner import make_executor, run
+    from bgd_dist.runner import evaluate, make_executor, run
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -116,11 +108,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, executor: str =
             seconds[k] = compressed["seconds"][k]
         log.info("evaluating the teacher and the compressed file (pycocotools, %d shards)", ex.num_shards)
         t = time.perf_counter()
-        teacher_metrics = _evaluate(ex, adapter, "teacher", cfg.eval.max_images, out / "detections_teacher.json")
+        teacher_metrics = evaluate(ex, adapter, "teacher", cfg.eval.max_images, out / "detections_teacher.json")
         seconds["eval_teacher"] = time.perf_counter() - t
         t = time.perf_counter()
         ex.load_compressed(str(run_dir / "model.bgd"))   # the deliverable file, not the in-memory student
-        student_metrics = _evaluate(ex, adapter, "student", cfg.eval.max_images, out / "detections_student.json")
+        student_metrics = evaluate(ex, adapter, "student", cfg.eval.max_images, out / "detections_student.json")
         seconds["eval_student"] = time.perf_counter() - t
     finally:
         ex.close()

@@ -18,16 +18,9 @@ from classification.data import calibration_indices, eval_indices, global_batche
 from classification.evaluation import TopKEvaluator, topk_correct
 from classification.models import build_classifier
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_CLASSES = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread (see tests/test_digits.py: two threads are slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- models ------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def test_paper_pipelines_carry_the_reference_hyper_parameters():
     assert (q.n_iter, q.n_calibration, q.n_centroids) == (100, 1024, 256)
     assert (lw.iterations, lw.lr, lw.momentum, lw.weight_decay, lw.batch_size) == (2500, 0.05, 0.9, 1e-4, 128)
     assert (gl.epochs, gl.iterations_per_epoch, gl.lr, gl.lr_step_epochs, gl.batch_size) == (9, 10000, 0.01, 3, 128)
-    assert cfg.data == {"train": "???", "val": "???"}
+    assert cfg.data == {"train": "???", "val": "???", "eval_batch_size": 256}
     with pytest.raises(ConfigError, match=r"data.train is required: pass --set data.train="):
         require(cfg.data["train"], "data.train", cfg)
 

@@ -15,13 +15,6 @@ from detection.testing import tiny_config
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     data = make_shapes(tmp_path_factory.mktemp("shapes"), n_train=12, n_val=4, size=64, seed=0)
     cfg = tiny_config(data)

@@ -27,30 +27,14 @@ from bgd_dist.runner import run
 from bgd_dist.student import load_student
 from classification.diagnostics import layer_output_errors, relative_output_error
 from classification.digits import (DigitsAdapter, TeacherRecipe, crop_boxes, digit_arrays, heldout_accuracy,
+
+pytestmark = pytest.mark.usefixtures("one_thread")
                                    render, split_indices, teacher_path)
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "digits.yaml"
 # short fine-tuning for the test; the benchmark runs the pipeline as written
 QUICK = ["finetune.layerwise.iterations=40", "finetune.global.epochs=1", "finetune.global.iterations_per_epoch=150"]
 NO_FINETUNE = ["finetune.layerwise.enabled=false", "finetune.global.enabled=false"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread in this process (Ray workers use one each anyway). On a busy 2-core
-    machine two OpenMP threads spin against the workers and other processes: measured 2-9x
-    slower here, for at most 2x gained on an idle machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
