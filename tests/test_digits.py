@@ -27,9 +27,9 @@ from bgd_dist.runner import run
 from bgd_dist.student import load_student
 from classification.diagnostics import layer_output_errors, relative_output_error
 from classification.digits import (DigitsAdapter, TeacherRecipe, crop_boxes, digit_arrays, heldout_accuracy,
+                                   render, split_indices, teacher_path)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-                                   render, split_indices, teacher_path)
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "digits.yaml"
 # short fine-tuning for the test; the benchmark runs the pipeline as written
