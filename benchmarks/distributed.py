@@ -8,6 +8,7 @@ store per stage (the student's state) and the statistics returned: neither may
 grow with the number of images, since workers never return activations.
 
     python benchmarks/distributed.py [--pipeline pipelines/X.yaml] [--set key=value ...]
+    python benchmarks/distributed.py --demo [--quick]     # the embedded demo pipeline (Mask R-CNN, shapes)
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import json
 import logging
 import tempfile
 import time
+
+from pathlib import Path
 
 import ray
 import torch
@@ -34,6 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default=DEFAULT_PIPELINE)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--demo", action="store_true", help="the demo pipeline (shapes Mask R-CNN) instead of --pipeline")
+    p.add_argument("--quick", action="store_true", help="with --demo: the demo's shortened configuration")
     p.add_argument("--json", help="write the figures to this file")
     return p
 
@@ -48,7 +53,17 @@ def timed_run(cfg, executor) -> tuple[float, dict]:
 def main(args) -> dict:
     logging.basicConfig(level=logging.WARNING)
     overrides = [f"executor.num_workers={args.workers}", *args.overrides]
-    cfg = load_pipeline(args.pipeline, overrides)
+    if args.demo:
+        from detection.demo import demo_config
+
+        args.pipeline = "demo" + (" (quick)" if args.quick else "")
+
+        def load(extra):
+            return demo_config(Path("runs/bench_demo"), args.quick, "ray", extra)
+    else:
+        def load(extra):
+            return load_pipeline(args.pipeline, extra)
+    cfg = load(overrides)
     n_images = cfg.quantize.n_calibration
 
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
@@ -59,7 +74,7 @@ def main(args) -> dict:
         threads = torch.get_num_threads()
         serial_s, _ = timed_run(cfg, SerialExecutor(num_shards=args.workers, threads=args.workers))
         torch.set_num_threads(threads)
-        cfg4 = load_pipeline(args.pipeline, overrides + [f"quantize.n_calibration={4 * n_images}"])
+        cfg4 = load(overrides + [f"quantize.n_calibration={4 * n_images}"])
         ray_ex = RayExecutor(num_workers=args.workers, threads_per_worker=1)
         _, ray4_report = timed_run(cfg4, ray_ex)
         ray_ex.close()

@@ -68,8 +68,9 @@ def check_teacher(path: Path = TEACHER) -> Path:
     return path
 
 
-def demo_config(out: Path, quick: bool, executor: str = "ray"):
-    """The demo's pipeline with the dataset written (or found) under ``out/shapes``."""
+def demo_config(out: Path, quick: bool, executor: str = "ray", extra: list[str] | tuple[str, ...] = ()):
+    """The demo's pipeline with the dataset written (or found) under ``out/shapes``;
+    ``extra``: further ``KEY=VALUE`` overrides (benchmarks)."""
     from bgd_dist.config import load_pipeline
 
     from .shapes import make_shapes
@@ -78,7 +79,7 @@ def demo_config(out: Path, quick: bool, executor: str = "ray"):
     paths = make_shapes(out / "shapes", mode["n_train"], mode["n_val"], 128, seed=0)
     overrides = [f"data.{k}={v}" for k, v in paths.items()]
     overrides += [f"model.checkpoint={check_teacher()}", f"executor.kind={executor}", "executor.num_workers=2"]
-    overrides += list(mode["overrides"])
+    overrides += list(mode["overrides"]) + list(extra)
     return load_pipeline(PIPELINE, overrides)
 
 
