@@ -80,8 +80,11 @@ def cmd_quantize(args) -> int:
     cfg = load_pipeline(args.pipeline, overrides)
     executor = make_executor(cfg, kind=args.executor, address=args.address)
     out = args.out or f"runs/{cfg.name}"
-    report = run(cfg, out, executor, resume=args.resume, do_eval=not args.no_eval, progress=not args.no_progress)
-    executor.close()
+    try:
+        report = run(cfg, out, executor, resume=args.resume, do_eval=not args.no_eval,
+                     progress=not args.no_progress)
+    finally:
+        executor.close()
     print(format_report(report))
     print(f"wrote {out}/model.bgd and {out}/report.json")
     return 0
