@@ -16,6 +16,11 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
                    help="override a pipeline setting, e.g. --set data.train=/data/imagenet/train")
 
 
+def _add_executor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=["ray", "serial"], help="override executor.kind")
+    p.add_argument("--address", help="join an existing Ray cluster: auto or HOST:PORT")
+
+
 def cmd_size(args) -> int:
     from .adapters import plan_for
     from .config import load_pipeline
@@ -163,8 +168,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="compress a model: stage by stage, then export model.bgd")
     _add_pipeline(p)
     p.add_argument("--out", help="run directory (default runs/<name>)")
-    p.add_argument("--executor", choices=["ray", "serial"], help="override executor.kind")
-    p.add_argument("--address", help="join an existing Ray cluster: auto or HOST:PORT")
+    _add_executor(p)
     p.add_argument("--resume", action="store_true", help="continue after the last finished stage")
     p.add_argument("--skip-layerwise", action="store_true", help="no layer-wise distillation")
     p.add_argument("--skip-global", action="store_true", help="no global distillation")
@@ -176,8 +180,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate the teacher or a compressed model file")
     _add_pipeline(p)
     p.add_argument("--model", help="a compressed model file (model.bgd); default: the teacher")
-    p.add_argument("--executor", choices=["ray", "serial"], help="override executor.kind")
-    p.add_argument("--address", help="join an existing Ray cluster: auto or HOST:PORT")
+    _add_executor(p)
     p.add_argument("--max-images", type=int, help="evaluate on a fixed subset of N images")
     p.add_argument("--results", help="detection: write the detections to this COCO results json")
     p.add_argument("--json", action="store_true")
