@@ -62,7 +62,7 @@ class RayExecutor(Executor):
         self._payload_ref = None
         self._group_ready = False
         self.restarts = 0
-        self.fault_injection: Callable[[list], None] | None = None  # tests: called after submitting collect
+        self.fault_injection: Callable[[list], None] | None = None  # tests: called before the calls are submitted
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, model_config, data_config: dict) -> None:
@@ -113,9 +113,13 @@ class RayExecutor(Executor):
         self._call_all(lambda i: self.actors[i].load_student.remote(self._payload_ref))
         return payload_nbytes(payload)
 
-    def _call_all(self, submit: Callable[[int], object]) -> list:
-        """``submit(i)`` for every actor ``i``, replacing (and retrying on) any that died."""
+    def _call_all(self, submit: Callable[[int], object], on_result: Callable[[object], None] | None = None) -> list:
+        """``submit(i)`` for every actor ``i`` (actor ``i`` owns shard ``i``), replacing a dead actor
+        and resubmitting its call, at most ``max_restarts`` times. Only calls that returned are kept,
+        so a shard is never counted twice."""
         results = [None] * len(self.actors)
+        if self.fault_injection is not None:  # before submitting: a call on a killed actor always fails
+            self.fault_injection(self.actors)
         pending = {submit(i): i for i in range(len(self.actors))}
         attempts = [0] * len(self.actors)
         while pending:
@@ -129,33 +133,17 @@ class RayExecutor(Executor):
                     raise RuntimeError(f"stats actor {i} died {attempts[i]} times; giving up") from None
                 self._replace_actor(i)
                 pending[submit(i)] = i
+                continue
+            if on_result is not None:
+                on_result(results[i])
         return results
 
     # -- statistics ---------------------------------------------------------------------------
     def collect(self, layers, n_images, batch_size, seed, progress=None) -> dict:
-        results: list = [None] * self.num_shards
-        attempts = [0] * self.num_shards
-
-        def submit(shard):
-            return self.actors[shard].collect.remote(layers, shard, self.num_shards, n_images, batch_size, seed)
-
-        pending = {submit(s): s for s in range(self.num_shards)}
-        if self.fault_injection is not None:
-            self.fault_injection(self.actors)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            shard = pending.pop(ready[0])
-            try:
-                results[shard] = ray.get(ready[0])
-            except RayActorError:
-                attempts[shard] += 1
-                if attempts[shard] > self.max_restarts:
-                    raise RuntimeError(f"shard {shard}: stats actor died {attempts[shard]} times; giving up") from None
-                self._replace_actor(shard)
-                pending[submit(shard)] = shard
-                continue
-            if progress:
-                progress(results[shard]["n_images"])
+        results = self._call_all(
+            lambda shard: self.actors[shard].collect.remote(layers, shard, self.num_shards, n_images, batch_size,
+                                                            seed),
+            on_result=(lambda r: progress(r["n_images"])) if progress else None)
         return merge_shard_results(results)
 
     # -- codebooks ----------------------------------------------------------------------------
