@@ -133,13 +133,57 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class HessianConfig:
+    """Settings of the ``hessian`` objective (issue #6; bgd_dist/core/hessian.py)."""
+
+    damp: float = 0.01                # λ = damp · mean(diag H) added before inverting H (GPTQ's percdamp)
+    rounds: int = 4                   # error-feedback assignment + exact codebook update, alternated
+    cg_steps: int = 20                # conjugate-gradient steps per exact codebook update
+    max_mb: float = 256.0             # a layer whose L x L float64 H is larger uses the pooled Gram (logged)
+
+    def __post_init__(self):
+        if not self.damp > 0:
+            raise ValueError(f"damp: must be > 0, got {self.damp}")
+        for key in ("rounds", "cg_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if not self.max_mb > 0:
+            raise ValueError(f"max_mb: must be > 0, got {self.max_mb}")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """Candidates for ``target_mb``: every layer the rules quantize picks (d, K) from these sets
+    (block sizes that do not divide a layer's row length are dropped for it; K is clamped),
+    plus its rule's own choice."""
+
+    block_sizes: tuple[int, ...] = (4, 8, 9, 16, 18)
+    n_centroids: tuple[int, ...] = (16, 32, 64, 128, 256)
+    n_iter: int = 20                  # k-means iterations of each candidate fit (error prediction)
+    n_calibration: int | None = None  # images for the allocation statistics; None = quantize.n_calibration
+
+    def __post_init__(self):
+        if not self.block_sizes or min(self.block_sizes) < 1:
+            raise ValueError(f"block_sizes: need positive integers, got {list(self.block_sizes)}")
+        if not self.n_centroids or min(self.n_centroids) < 1:
+            raise ValueError(f"n_centroids: need positive integers, got {list(self.n_centroids)}")
+        if self.n_iter < 0:
+            raise ValueError(f"n_iter: must be >= 0, got {self.n_iter}")
+        if self.n_calibration is not None and self.n_calibration < 1:
+            raise ValueError(f"n_calibration: must be >= 1, got {self.n_calibration}")
+
+
+@dataclass(frozen=True)
 class QuantizeConfig:
     rules: tuple[Rule, ...]
     n_centroids: int = 256
     n_iter: int = 100
     init: str = "random"
     refine: str = "hartigan"          # k-means iterations: hartigan (Lloyd + exact Hartigan moves) | lloyd
-    objective: str = "paper"          # paper (pooled Gram) | weights (identity metric)
+    objective: str = "paper"          # paper (pooled Gram) | weights (identity metric) | hessian (full H)
+    hessian: HessianConfig = HessianConfig()
+    target_mb: float | None = None    # size budget (paper accounting): choose d and K per layer to meet it
+    allocation: AllocationConfig = AllocationConfig()
     clamp: bool = True
     n_calibration: int = 1024         # calibration images per stage
     batch_size: int = 128
@@ -154,6 +198,8 @@ class QuantizeConfig:
             raise ValueError(f"refine: unknown value {self.refine!r}; expected hartigan or lloyd")
         if self.init not in ("random", "kmeans++"):
             raise ValueError(f"init: unknown value {self.init!r}; expected random or kmeans++")
+        if self.target_mb is not None and not self.target_mb > 0:
+            raise ValueError(f"target_mb: must be > 0, got {self.target_mb}")
         for key in ("n_centroids", "n_iter", "n_calibration", "batch_size"):
             if getattr(self, key) < (0 if key == "n_iter" else 1):
                 raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 QUANTIZABLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-OBJECTIVES = ("paper", "weights")
+OBJECTIVES = ("paper", "weights", "hessian")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .adapters import make_adapter, plan_for
 from .config import PipelineConfig
 from .core.sizing import MB, size_report
+from .core.stats import HessianStats
 from .executor import Executor, SerialExecutor
 from .finetune import global_spec, layerwise_spec
 from .io import atomic_write, atomic_write_text
@@ -132,6 +133,20 @@ def _codebooks_from(obj: dict, names: list[str]):
     return {n: Codebook(obj[f"{n}.centroids"], obj[f"{n}.assignments"], ()) for n in names}
 
 
+# the statistics each objective collects, and the fit each statistics type drives
+FIT_OBJECTIVE = {"identity": "weights", "gram": "paper", "hessian": "hessian"}
+
+
+def stats_kind(layer, hessian_cfg) -> str:
+    """``identity`` (weights), ``gram`` (paper) or ``hessian``; a ``hessian`` layer whose
+    L x L float64 matrix would exceed ``hessian_cfg.max_mb`` falls back to ``gram``."""
+    if layer.objective == "weights":
+        return "identity"
+    if layer.objective == "hessian":
+        return "hessian" if HessianStats.bytes_for(layer.geometry) <= hessian_cfg.max_mb * MB else "gram"
+    return "gram"
+
+
 # -- the run ---------------------------------------------------------------------------------------
 def make_executor(cfg: PipelineConfig, kind: str | None = None, address: str | None = None) -> Executor:
     e = cfg.executor
@@ -207,8 +222,16 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
             # a. statistics on the current student (earlier stages quantized and fine-tuned)
             t = time.perf_counter()
             shipped = executor.load_student(student_state(student))
-            layers = [(l.name, l.geometry, l.block_size, "identity" if l.objective == "weights" else "gram")
-                      for l in entries]
+            kinds = {l.name: stats_kind(l, q.hessian) for l in entries}
+            for l in entries:
+                if l.objective == "hessian" and kinds[l.name] != "hessian":
+                    mb = HessianStats.bytes_for(l.geometry) / MB
+                    log.warning("stage %d/%d %s: its %dx%d input Hessian (%.1f MB) exceeds quantize.hessian.max_mb "
+                                "= %g; using the pooled Gram (paper objective) for this layer", s + 1,
+                                len(plan.stages), l.name, l.geometry.row_length, l.geometry.row_length, mb,
+                                q.hessian.max_mb)
+                    jlog.write("hessian_fallback", stage=s, layer=l.name, hessian_mb=mb, max_mb=q.hessian.max_mb)
+            layers = [(l.name, l.geometry, l.block_size, kinds[l.name]) for l in entries]
             need_stats = any(kind != "identity" for *_, kind in layers)
             stats = {}
             if need_stats:
@@ -218,18 +241,23 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
                                              progress=pbar.update)
                 atomic_write(out / "stages" / str(s) / "stats.pt",
                              lambda f: torch.save({n: st.state() for n, st in stats.items()}, f))
+                memory = sum(st.nbytes for st in stats.values())
+                log.info("stage %d/%d statistics (%s): %.3f MB per worker, %.3f MB returned to the driver",
+                         s + 1, len(plan.stages), ", ".join(sorted(set(kinds.values()))), memory / MB,
+                         memory * getattr(executor, "num_shards", 1) / MB)
             times["collect"] += time.perf_counter() - t
             # b. one codebook per layer
             t = time.perf_counter()
             jobs = []
             for l in entries:
                 metric = None
-                if l.objective != "weights":
+                if kinds[l.name] != "identity":
                     stats[l.name].check()
                     metric = stats[l.name].metric()
                 weight = get_submodule(student, l.name).weight.detach().cpu()
                 jobs.append(FitJob(l.name, weight, l.geometry, metric, l.n_centroids, l.block_size, q.n_iter,
-                                   q.init, q.seed + l.order, q.refine))
+                                   q.init, q.seed + l.order, q.refine, FIT_OBJECTIVE[kinds[l.name]],
+                                   q.hessian.rounds, q.hessian.damp, q.hessian.cg_steps))
             with tqdm(total=len(jobs), desc=f"fit {s}", unit="layer", leave=False, disable=not progress) as fbar:
                 fitted = executor.fit(jobs, progress=lambda *a: fbar.update())
             times["fit"] += time.perf_counter() - t
@@ -240,11 +268,12 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
                 cb, seconds = fitted[l.name]
                 quantized_bytes += layer_sizes[l.name].nbytes
                 obj = cb.objective
-                log.info("stage %d/%d %s: d=%d K=%d %.3f bits/w objective %.4f -> %.4f fit %.2fs | "
+                log.info("stage %d/%d %s: d=%d K=%d %.3f bits/w %s objective %.4f -> %.4f fit %.2fs | "
                          "quantized so far %.3f MB", s + 1, len(plan.stages), l.name, l.block_size,
-                         l.n_centroids, layer_sizes[l.name].bits_per_weight, obj[0], obj[-1], seconds,
-                         quantized_bytes / MB)
+                         l.n_centroids, layer_sizes[l.name].bits_per_weight, FIT_OBJECTIVE[kinds[l.name]],
+                         obj[0], obj[-1], seconds, quantized_bytes / MB)
                 jlog.write("layer", stage=s, layer=l.name, block_size=l.block_size, n_centroids=l.n_centroids,
+                           objective=FIT_OBJECTIVE[kinds[l.name]],
                            bits_per_weight=layer_sizes[l.name].bits_per_weight, objective_start=obj[0],
                            objective_end=obj[-1], fit_seconds=seconds, quantized_mb_so_far=quantized_bytes / MB,
                            n_empty_repaired=cb.n_empty_repaired)
@@ -262,8 +291,11 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
             # e. checkpoint, then mark done
             save_stage(stage_file, student, names)
             manifest.mark(s, layers=names, files=[str(stage_file.relative_to(out))], bytes_shipped=shipped)
-            stats_bytes = sum(st.nbytes for st in stats.values()) * getattr(executor, "num_shards", 1)
+            stats_memory = sum(st.nbytes for st in stats.values())   # per worker, and once more merged
+            stats_bytes = stats_memory * getattr(executor, "num_shards", 1)
             stage_info = {"stage": s, "layers": names, "bytes_shipped": shipped, "stats_bytes_returned": stats_bytes,
+                          "stats_memory_bytes": stats_memory,
+                          "stats_kinds": sorted(set(kinds.values())),
                           "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None}
             report["stages"].append(stage_info)
             jlog.write("stage", **stage_info)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .adapters import make_adapter
+from .core.hessian import fit_codebook_hessian
 from .core.kmeans import Codebook, fit_codebook
 from .core.layouts import LayerGeometry
 from .core.stats import make_stats
@@ -37,14 +38,23 @@ class FitJob:
     init: str
     seed: int
     refine: str = "hartigan"
+    objective: str = "paper"          # weights / paper: metric is d x d (or None); hessian: metric is L x L
+    hessian_rounds: int = 4
+    hessian_damp: float = 0.01
+    hessian_cg_steps: int = 20
 
 
 def run_fit(job: FitJob) -> tuple[Codebook, float]:
     """Fit one codebook; returns it with the seconds it took. Errors name the layer."""
     start = time.perf_counter()
     try:
-        codebook = fit_codebook(job.weight, job.geometry, job.metric, job.n_centroids, job.block_size,
-                                job.n_iter, job.init, job.seed, job.name, job.refine)
+        if job.objective == "hessian":
+            codebook = fit_codebook_hessian(job.weight, job.geometry, job.metric, job.n_centroids, job.block_size,
+                                            job.n_iter, job.init, job.seed, job.name, job.refine,
+                                            job.hessian_rounds, job.hessian_damp, job.hessian_cg_steps)
+        else:
+            codebook = fit_codebook(job.weight, job.geometry, job.metric, job.n_centroids, job.block_size,
+                                    job.n_iter, job.init, job.seed, job.name, job.refine)
     except Exception as e:
         raise RuntimeError(f"codebook fit failed for layer {job.name!r}: {e}") from e
     return codebook, time.perf_counter() - start

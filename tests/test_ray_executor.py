@@ -132,3 +132,25 @@ def test_full_run_on_ray(ray_cluster, tmp_path):
     assert report["metrics_after"]["n_images"] == report["metrics_before"]["n_images"] == 32
     assert report["metrics_after"]["agreement"] >= 0.75
     assert all(s["bytes_shipped"] > 0 for s in report["stages"])
+
+
+def test_ray_and_serial_agree_on_hessian_statistics_and_fits(setup, executors):
+    cfg, adapter, teacher, plan = setup
+    ray_ex, serial = executors
+    layers = [(n, plan.layer(n).geometry, plan.layer(n).block_size, "hessian") for n in plan.stages[1]]
+    results = []
+    for ex in (ray_ex, serial):
+        ex.load_student(student_state(teacher))
+        stats = ex.collect(layers, 32, 8, seed=5)
+        jobs = [FitJob(n, get_submodule(teacher, n).weight.detach(), plan.layer(n).geometry, stats[n].metric(),
+                       plan.layer(n).n_centroids, plan.layer(n).block_size, 4, "random", 0, objective="hessian",
+                       hessian_rounds=2, hessian_cg_steps=5) for n in plan.stages[1]]
+        results.append((stats, ex.fit(jobs)))
+    (st_r, cb_r), (st_s, cb_s) = results
+    for n in plan.stages[1]:
+        length = plan.layer(n).geometry.row_length
+        assert st_r[n].hessian.shape == (length, length)
+        torch.testing.assert_close(st_r[n].hessian, st_s[n].hessian, rtol=1e-9, atol=0)
+        assert st_r[n].n_inputs == st_s[n].n_inputs > 0
+        assert torch.equal(cb_r[n][0].assignments, cb_s[n][0].assignments)
+        torch.testing.assert_close(cb_r[n][0].centroids, cb_s[n][0].centroids, rtol=1e-6, atol=1e-7)

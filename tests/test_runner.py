@@ -7,6 +7,7 @@ import torch
 
 from bgd_dist import load_compressed
 from bgd_dist.adapters import make_adapter
+from bgd_dist.config import to_mapping
 from bgd_dist.executor import SerialExecutor
 from bgd_dist.nn.modules import pq_layers
 from bgd_dist.plan import Plan
@@ -96,8 +97,7 @@ def test_resume_refuses_a_different_run(full_run, tmp_path):
     cfg = toy_config()
     with pytest.raises(InjectedFailure):
         run(cfg, tmp_path, fail_after_stage=0, progress=False, do_eval=False)
-    other = toy_config(quantize={**cfg.quantize.__dict__, "rules": [r.__dict__ for r in cfg.quantize.rules],
-                                 "n_iter": 9})
+    other = toy_config(quantize={**to_mapping(cfg.quantize), "n_iter": 9})
     with pytest.raises(ValueError, match="cannot resume: the config differ"):
         run(other, tmp_path, resume=True, progress=False, do_eval=False)
     other_model = toy_config(model={**toy_config().model.__dict__, "kwargs": {"width": 8, "seed": 1}})
@@ -118,8 +118,7 @@ def test_a_failing_fit_names_the_layer_and_keeps_finished_stages(tmp_path):
 
 
 def test_comparison_flags_weights_only_and_no_finetuning(tmp_path):
-    cfg = toy_config(quantize={**toy_config().quantize.__dict__,
-                               "rules": [r.__dict__ for r in toy_config().quantize.rules], "objective": "weights"},
+    cfg = toy_config(quantize={"objective": "weights"},
                      finetune={"layerwise": {"enabled": False}, "global": {"enabled": False}})
     report = run(cfg, tmp_path, progress=False, do_eval=False)
     assert not (tmp_path / "stages" / "0" / "stats.pt").exists()      # no statistics needed

@@ -273,7 +273,7 @@ def test_merge_rejects_other_layers_and_unknown_types():
     with pytest.raises(ValueError, match="fc"):
         a.merge(GramStats.empty(geometry_of(nn.Linear(12, 6)), 4, "fc"))
     with pytest.raises(ValueError, match="fc"):
-        make_stats("hessian", geometry_of(nn.Linear(12, 5)), 4, "fc")
+        make_stats("unknown", geometry_of(nn.Linear(12, 5)), 4, "fc")
     with pytest.raises(ValueError, match="fc"):
         make_stats("gram", geometry_of(nn.Linear(12, 5)), 5, "fc")
     with pytest.raises(ValueError):

@@ -104,6 +104,96 @@ class GramStats:
 
 @register_stats
 @dataclass
+class HessianStats:
+    """Full ``L x L`` second moment of one layer's input rows (``L`` = row length), float64.
+
+    ``hessian`` is ``Σ x xᵀ`` over every input row ``x`` (an im2col column of
+    ``C_in/groups · kh · kw`` values, one input vector for linear), so
+    ``tr((W - Ŵ) H (W - Ŵ)ᵀ) / n_inputs`` is the mean squared layer-output
+    error of the weight matrix ``Ŵ`` exactly, cross-terms between blocks
+    included (issue #6). The paper's pooled metric is the sum of its ``d x d``
+    diagonal blocks (:meth:`pooled`), so one pass serves both objectives.
+    Additive over images like :class:`GramStats`. ``n_rows`` counts
+    ``d``-dimensional rows as in :class:`GramStats` (inputs x blocks).
+    """
+
+    name: ClassVar[str] = "hessian"
+    geometry: LayerGeometry
+    block_size: int
+    hessian: Tensor
+    n_rows: int = 0
+    n_inputs: int = 0
+    layer: str = "<layer>"
+    max_rows: int = 65536
+
+    @classmethod
+    def empty(cls, geometry: LayerGeometry, block_size: int, layer: str = "<layer>",
+              device: torch.device | str | None = None, max_rows: int = 65536) -> "HessianStats":
+        check_block_size(geometry, block_size, layer)
+        length = geometry.row_length
+        hessian = torch.zeros(length, length, dtype=torch.float64, device=device)
+        return cls(geometry, block_size, hessian, 0, 0, layer, max_rows)
+
+    @staticmethod
+    def bytes_for(geometry: LayerGeometry) -> int:
+        """Bytes of the float64 ``L x L`` matrix of a layer (one copy)."""
+        return geometry.row_length ** 2 * 8
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        if not torch.isfinite(x).all():
+            raise ValueError(f"layer {self.layer!r}: non-finite values in the layer input")
+        length = self.geometry.row_length
+        # bounded chunks: at most ~32 MB of float64 rows at a time
+        max_rows = max(1, min(self.max_rows, (1 << 22) // length))
+        hessian = self.hessian.to(x.device)
+        n_blocks = length // self.block_size
+        for rows in input_rows(x, self.geometry, max_rows, self.layer):
+            r64 = rows.to(torch.float64)
+            hessian.addmm_(r64.T, r64)
+            self.n_inputs += rows.shape[0]
+            self.n_rows += rows.shape[0] * n_blocks
+        self.hessian = hessian
+
+    def merge(self, other: "HessianStats") -> "HessianStats":
+        if not isinstance(other, HessianStats) or other.block_size != self.block_size \
+                or other.geometry != self.geometry:
+            raise ValueError(f"layer {self.layer!r}: cannot merge statistics of a different layer or block size")
+        return HessianStats(self.geometry, self.block_size, self.hessian + other.hessian.to(self.hessian.device),
+                            self.n_rows + other.n_rows, self.n_inputs + other.n_inputs, self.layer, self.max_rows)
+
+    def metric(self) -> Tensor:
+        """``E[x xᵀ]``: the ``L x L`` Hessian normalised by the number of input rows."""
+        self.check()
+        return self.hessian / self.n_inputs
+
+    def pooled(self) -> GramStats:
+        """The paper's statistics (:class:`GramStats`) of the same inputs: the sum of the
+        ``d x d`` diagonal blocks of ``H`` (exactly what ``GramStats.update`` accumulates)."""
+        d = self.block_size
+        n_blocks = self.geometry.row_length // d
+        blocks = self.hessian.reshape(n_blocks, d, n_blocks, d).diagonal(dim1=0, dim2=2)  # (d, d, n_blocks)
+        return GramStats(self.geometry, d, blocks.sum(-1).clone(), self.n_rows, self.n_inputs, self.layer,
+                         self.max_rows)
+
+    def check(self) -> None:
+        if self.n_inputs == 0:
+            raise ValueError(f"layer {self.layer!r}: empty statistics (no calibration input reached this layer)")
+        if not torch.isfinite(self.hessian).all():
+            raise ValueError(f"layer {self.layer!r}: non-finite values in the statistics")
+
+    def state(self) -> dict:
+        return {"type": self.name, "geometry": self.geometry.to_dict(), "block_size": self.block_size,
+                "hessian": self.hessian.cpu(), "n_rows": self.n_rows, "n_inputs": self.n_inputs,
+                "layer": self.layer}
+
+    @property
+    def nbytes(self) -> int:
+        return self.hessian.numel() * self.hessian.element_size()
+
+
+@register_stats
+@dataclass
 class IdentityStats:
     """The weights-only baseline: the metric is the identity (classic PQ)."""
 
@@ -140,7 +230,7 @@ class IdentityStats:
 
 
 def make_stats(kind: str, geometry: LayerGeometry, block_size: int, layer: str = "<layer>", **kwargs):
-    """An empty statistics object of type ``kind`` (``gram`` or ``identity``)."""
+    """An empty statistics object of type ``kind`` (``gram``, ``hessian`` or ``identity``)."""
     try:
         cls = STATS_TYPES[kind]
     except KeyError:

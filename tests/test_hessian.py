@@ -1,0 +1,205 @@
+"""The hessian objective (issue #6): full input statistics, error feedback, exact codebook."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bgd_dist.core.hessian import (damped_inverse_cholesky, decode_matrix, error_feedback_assign, exact_codebook,
+                                   fit_codebook_hessian, output_error, pooled_metric, relative_output_error)
+from bgd_dist.core.kmeans import _nearest, fit_codebook
+from bgd_dist.core.layouts import LayerGeometry, geometry_of, input_rows, weight_matrix
+from bgd_dist.core.stats import GramStats, HessianStats, make_stats, merge_all, stats_from_state
+
+from toy import toy_config
+
+
+def correlated_inputs(n=24, c=16, hw=10, rank=4, seed=0):
+    """Conv inputs whose channels are strongly correlated (as real activations are)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, rank, hw, hw, generator=g)
+    mix = torch.randn(c, rank, generator=g)
+    x = torch.einsum("nrhw,cr->nchw", base, mix) + 0.2 * torch.randn(n, c, hw, hw, generator=g)
+    return F.avg_pool2d(x, 3, 1, 1)
+
+
+GEOM = LayerGeometry("conv2d", (32, 16, 3, 3), padding=(1, 1))
+
+
+def test_hessian_is_the_exact_output_error_of_a_conv():
+    x = correlated_inputs()
+    st = HessianStats.empty(GEOM, 9, "conv")
+    st.update(x)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(GEOM.weight_shape, generator=g, dtype=torch.float64)
+    w_hat = w + 0.1 * torch.randn(GEOM.weight_shape, generator=g, dtype=torch.float64)
+    # tr(ΔW H ΔWᵀ) = Σ over output pixels of ||ΔW x||²: the real convolution with the difference
+    direct = float(F.conv2d(x.double(), w - w_hat, padding=1).pow(2).sum())
+    via_h = output_error(weight_matrix(w, GEOM), weight_matrix(w_hat, GEOM), st.hessian)
+    assert via_h == pytest.approx(direct, rel=1e-10)
+    rel = relative_output_error(w, w_hat, GEOM, st.metric())
+    assert rel == pytest.approx(direct / float(F.conv2d(x.double(), w, padding=1).pow(2).sum()), rel=1e-10)
+
+
+def test_hessian_streams_merges_round_trips_and_pools_to_the_paper_gram():
+    x = correlated_inputs()
+    whole = make_stats("hessian", GEOM, 9, "conv")
+    whole.update(x)
+    parts = []
+    for xb in x.split(7):
+        p = HessianStats.empty(GEOM, 9, "conv", max_rows=50)  # chunks smaller than one image
+        p.update(xb)
+        parts.append(stats_from_state(p.state()))
+    merged = merge_all(parts)
+    torch.testing.assert_close(merged.hessian, whole.hessian, rtol=1e-12, atol=1e-9)
+    assert merged.n_inputs == whole.n_inputs == 24 * 100
+    rows = torch.cat(list(input_rows(x, GEOM))).double()
+    torch.testing.assert_close(whole.hessian, rows.T @ rows, rtol=1e-12, atol=1e-9)
+    gram = GramStats.empty(GEOM, 9, "conv")
+    gram.update(x)
+    pooled = whole.pooled()
+    torch.testing.assert_close(pooled.gram, gram.gram, rtol=1e-12, atol=1e-9)
+    assert pooled.n_rows == gram.n_rows
+    torch.testing.assert_close(pooled_metric(whole.metric(), 9), gram.metric(), rtol=1e-12, atol=1e-12)
+    assert whole.nbytes == HessianStats.bytes_for(GEOM) == 144 * 144 * 8
+    with pytest.raises(ValueError, match="conv"):
+        whole.merge(HessianStats.empty(GEOM, 4, "conv"))
+    with pytest.raises(ValueError, match="conv.*empty"):
+        HessianStats.empty(GEOM, 9, "conv").metric()
+    with pytest.raises(ValueError, match="conv.*non-finite"):
+        whole.update(torch.full_like(x[:1], float("nan")))
+
+
+def dense_normal_equations(w, h, assignments, k, d):
+    """The exact centroid problem written out densely (tiny sizes only)."""
+    n_rows, length = w.shape
+    s = torch.zeros(n_rows * length, k * d, dtype=torch.float64)
+    for i, a in enumerate(assignments.tolist()):
+        j, r = divmod(i, n_rows)
+        for t in range(d):
+            s[r * length + j * d + t, a * d + t] = 1
+    hb = torch.block_diag(*[h] * n_rows)
+    return s.T @ hb @ s, s.T @ hb @ w.reshape(-1)
+
+
+def test_exact_codebook_solves_the_least_squares_problem_and_never_increases_the_objective():
+    geom = LayerGeometry("conv2d", (8, 4, 3, 3), padding=(1, 1))
+    x = correlated_inputs(n=6, c=4, hw=6, rank=2)
+    st = HessianStats.empty(geom, 9, "c")
+    st.update(x)
+    h = st.metric()
+    w = weight_matrix(torch.randn(geom.weight_shape, generator=torch.Generator().manual_seed(0)), geom).double()
+    k, d = 6, 9
+    cb = fit_codebook(weight_matrix(w, geom).reshape(geom.weight_shape).float(), geom, pooled_metric(h, 9), k, d, 5)
+    a = cb.assignments
+    m, b = dense_normal_equations(w, h, a, k, d)
+    best = torch.linalg.lstsq(m, b.unsqueeze(1)).solution.reshape(k, d)
+    start = output_error(w, decode_matrix(cb.centroids.double(), a, 8), h)
+    values = [output_error(w, decode_matrix(exact_codebook(w, h, cb.centroids, a, steps=s), a, 8), h)
+              for s in (1, 2, 4, 8, 60)]
+    assert all(v2 <= v1 * (1 + 1e-12) for v1, v2 in zip([start] + values, values))
+    assert values[-1] == pytest.approx(output_error(w, decode_matrix(best, a, 8), h), rel=1e-9)
+    assert values[-1] < 0.999 * start          # the cluster means were not optimal under H
+
+
+def test_error_feedback_without_cross_terms_is_plain_nearest_assignment():
+    # H block-diagonal with identical d x d blocks: no error to propagate, and the local metric
+    # of every block is the damped block itself -> nearest centroid under it
+    d, n_blocks, n_rows = 4, 5, 30
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    block = a @ a.T + 0.1 * torch.eye(d, dtype=torch.float64)
+    h = torch.block_diag(*[block] * n_blocks)
+    w = torch.randn(n_rows, d * n_blocks, generator=g, dtype=torch.float64)
+    c = torch.randn(7, d, generator=g, dtype=torch.float64)
+    upper = damped_inverse_cholesky(h, 0.01)
+    got = error_feedback_assign(w, c, upper, lazy=8)
+    damped = block + 0.01 * float(h.diagonal().mean()) * torch.eye(d, dtype=torch.float64)
+    subvectors = w.reshape(n_rows, n_blocks, d).transpose(0, 1).reshape(-1, d)
+    assert torch.equal(got, _nearest(subvectors, c, damped))
+
+
+def test_error_feedback_lowers_the_error_of_a_fixed_codebook_with_correlated_inputs():
+    x = correlated_inputs()
+    st = HessianStats.empty(GEOM, 9, "conv")
+    st.update(x)
+    h = st.metric()
+    weight = torch.randn(GEOM.weight_shape, generator=torch.Generator().manual_seed(2))
+    paper = fit_codebook(weight, GEOM, pooled_metric(h, 9), 64, 9, 20)
+    w = weight_matrix(weight, GEOM).double()
+    c = paper.centroids.double()
+    a_ef = error_feedback_assign(w, c, damped_inverse_cholesky(h, 0.01))
+    err_paper = output_error(w, decode_matrix(c, paper.assignments, 32), h)
+    err_ef = output_error(w, decode_matrix(c, a_ef, 32), h)
+    assert err_ef < 0.8 * err_paper
+    # lazy windows are a schedule, not a different algorithm
+    assert torch.equal(a_ef, error_feedback_assign(w, c, damped_inverse_cholesky(h, 0.01), lazy=9))
+
+
+def test_fit_codebook_hessian_beats_the_paper_at_the_same_size_on_held_out_inputs():
+    x = correlated_inputs(n=40)
+    fit_st, held_st = HessianStats.empty(GEOM, 9, "conv"), HessianStats.empty(GEOM, 9, "conv")
+    fit_st.update(x[:28])
+    held_st.update(x[28:])
+    weight = torch.randn(GEOM.weight_shape, generator=torch.Generator().manual_seed(3))
+    paper = fit_codebook(weight, GEOM, fit_st.pooled().metric(), 64, 9, 30, seed=1)
+    hess = fit_codebook_hessian(weight, GEOM, fit_st.metric(), 64, 9, 30, seed=1, rounds=3, cg_steps=10)
+    assert hess.centroids.shape == (64, 9) and hess.assignments.shape == paper.assignments.shape
+    assert hess.centroids.dtype == weight.dtype
+    objective = hess.objective
+    assert len(objective) == 2 + 3
+    assert all(b <= a for a, b in zip(objective, objective[1:]))
+    # the first value is the paper's codebook under H (same init, same seed)
+    assert objective[0] == pytest.approx(relative_output_error(weight, paper.decode(GEOM), GEOM, fit_st.metric()))
+    assert objective[-1] == pytest.approx(relative_output_error(weight, hess.decode(GEOM), GEOM, fit_st.metric()),
+                                          rel=1e-5)
+    held_paper = relative_output_error(weight, paper.decode(GEOM), GEOM, held_st.metric())
+    held_hess = relative_output_error(weight, hess.decode(GEOM), GEOM, held_st.metric())
+    assert held_hess < 0.75 * held_paper
+
+
+def test_fit_codebook_hessian_handles_degenerate_statistics_and_bad_input():
+    lin = geometry_of(nn.Linear(8, 6))
+    w = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    # one input feature is always zero: H is singular; damping keeps the factorisation alive
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    x[:, 3] = 0
+    st = HessianStats.empty(lin, 2, "fc")
+    st.update(x)
+    cb = fit_codebook_hessian(w, lin, st.metric(), 4, 2, 5)
+    assert torch.isfinite(cb.centroids).all()
+    # no input ever reaches the layer: every codebook is exact, the weights-only fit is kept
+    zero = fit_codebook_hessian(w, lin, torch.zeros(8, 8), 4, 2, 5)
+    assert zero.objective == (0.0, 0.0)
+    torch.testing.assert_close(zero.centroids, fit_codebook(w, lin, None, 4, 2, 5).centroids)
+    with pytest.raises(ValueError, match="fc.*hessian shape"):
+        fit_codebook_hessian(w, lin, torch.eye(4), 4, 2, 5, name="fc")
+    with pytest.raises(ValueError, match="fc.*NaN"):
+        fit_codebook_hessian(w, lin, torch.full((8, 8), float("nan")), 4, 2, 5, name="fc")
+    with pytest.raises(ValueError, match="fc.*damp"):
+        fit_codebook_hessian(w, lin, torch.eye(8), 4, 2, 5, name="fc", damp=0)
+
+
+def test_a_run_with_the_hessian_objective_and_the_size_fallback(tmp_path, caplog):
+    from bgd_dist.runner import load_stage_stats, run
+
+    # conv2/conv3 (3x3, L = 72) use H; with max_mb below their H size they fall back to the Gram
+    cfg = toy_config(quantize={"objective": "hessian", "hessian": {"rounds": 1, "cg_steps": 3}},
+                     finetune={"layerwise": {"enabled": False}, "global": {"enabled": False}})
+    report = run(cfg, tmp_path / "h", progress=False, do_eval=False)
+    stats = load_stage_stats(tmp_path / "h" / "stages" / "0" / "stats.pt")
+    assert {type(s).__name__ for s in stats.values()} == {"HessianStats"}
+    assert report["stages"][0]["stats_kinds"] == ["hessian"]
+    assert report["stages"][0]["stats_memory_bytes"] == sum(s.nbytes for s in stats.values())
+    layers = [r for r in map(__import__("json").loads, open(tmp_path / "h" / "log.jsonl")) if r["event"] == "layer"]
+    assert layers and all(r["objective"] == "hessian" for r in layers)
+    small = toy_config(quantize={"objective": "hessian", "hessian": {"max_mb": 0.01}},
+                       finetune={"layerwise": {"enabled": False}, "global": {"enabled": False}})
+    with caplog.at_level(logging.WARNING, logger="bgd.runner"):
+        run(small, tmp_path / "f", progress=False, do_eval=False)
+    assert any("exceeds quantize.hessian.max_mb" in r.getMessage() and "conv2" in r.getMessage()
+               for r in caplog.records)
+    stats = load_stage_stats(tmp_path / "f" / "stages" / "0" / "stats.pt")
+    assert {type(s).__name__ for s in stats.values()} == {"GramStats"}
