@@ -29,13 +29,38 @@ def cmd_size(args) -> int:
 
     cfg = load_pipeline(args.pipeline, args.overrides)
     adapter = make_adapter(cfg.model, cfg.data)
-    model = build_architecture(adapter.arch())
-    plan = plan_for(cfg, model, adapter)
+    allocation = None
+    if args.plan:
+        from .plan import Plan
+
+        model = build_architecture(adapter.arch())
+        plan = Plan.load(args.plan)
+    elif cfg.quantize.target_mb is not None:
+        # the allocation needs the trained weights and calibration data: the same code as a run
+        from .allocation import allocate_plan, format_allocation
+        from .executor import SerialExecutor
+
+        model = adapter.build_model()
+        plan = plan_for(cfg, model, adapter)
+        log.info("allocating %.4f MB over %d layers (statistics on the teacher, in this process)",
+                 cfg.quantize.target_mb, len(plan.quantized))
+        with SerialExecutor(num_shards=1) as executor:
+            executor.start(cfg.model, cfg.data)
+            plan, allocation = allocate_plan(cfg, model, plan, executor, progress=not args.json)
+    else:
+        model = build_architecture(adapter.arch())
+        plan = plan_for(cfg, model, adapter)
     report = size_report(model, plan)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        out = report.to_dict()
+        if allocation is not None:
+            out["allocation"] = allocation
+        print(json.dumps(out, indent=1))
     else:
         print(format_size_table(report, cfg.name))
+        if allocation is not None:
+            print()
+            print(format_allocation(allocation))
     return 0
 
 
@@ -160,8 +185,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("size", help="per-layer size table of a pipeline (architecture only)")
+    p = sub.add_parser("size", help="per-layer size table of a pipeline (architecture only; with "
+                                    "quantize.target_mb, the allocation, computed on the teacher and its data)")
     _add_pipeline(p)
+    p.add_argument("--plan", help="show the allocation of this plan.json (a run directory's) instead")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_size)
 

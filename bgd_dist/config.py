@@ -161,8 +161,11 @@ class AllocationConfig:
     n_centroids: tuple[int, ...] = (16, 32, 64, 128, 256)
     n_iter: int = 20                  # k-means iterations of each candidate fit (error prediction)
     n_calibration: int | None = None  # images for the allocation statistics; None = quantize.n_calibration
+    method: str = "exact"             # exact (dynamic programming, optimal) | greedy (error decrease per byte)
 
     def __post_init__(self):
+        if self.method not in ("greedy", "exact"):
+            raise ValueError(f"method: unknown value {self.method!r}; expected greedy or exact")
         if not self.block_sizes or min(self.block_sizes) < 1:
             raise ValueError(f"block_sizes: need positive integers, got {list(self.block_sizes)}")
         if not self.n_centroids or min(self.n_centroids) < 1:

@@ -186,21 +186,29 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
     jlog = JsonlLog(out / "log.jsonl")
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     plan_path = out / "plan.json"
-    if resume and plan_path.exists():
-        plan = Plan.load(plan_path)
-    else:
-        plan = plan_for(cfg, teacher, adapter)
-        plan.save(plan_path)
+    planned = resume and plan_path.exists()
+    plan = Plan.load(plan_path) if planned else plan_for(cfg, teacher, adapter)
     q = cfg.quantize
     own_executor = executor is None
     executor = executor or make_executor(cfg)
     report: dict = {"name": cfg.name, "stages": []}
     student = copy.deepcopy(teacher)
-    uncompressed = size_report(teacher, plan)
-    layer_sizes = {ls.name: ls for ls in uncompressed.layers}
     quantized_bytes = 0.0
     try:
         executor.start(cfg.model, cfg.data)
+        if not planned:
+            if q.target_mb is not None:
+                from .allocation import allocate_plan
+
+                t = time.perf_counter()
+                plan, allocation = allocate_plan(cfg, teacher, plan, executor, progress)
+                times["allocate"] = time.perf_counter() - t
+                atomic_write_text(out / "allocation.json", json.dumps(allocation, indent=1))
+                jlog.write("allocation", target_mb=q.target_mb, compressed_mb=allocation["compressed_mb"],
+                           predicted_error=allocation["predicted_error"], seconds=allocation["seconds"])
+            plan.save(plan_path)
+        uncompressed = size_report(teacher, plan)
+        layer_sizes = {ls.name: ls for ls in uncompressed.layers}
         metrics_before = None
         if do_eval:
             t = time.perf_counter()

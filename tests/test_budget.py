@@ -232,3 +232,32 @@ def test_option_bytes_matches_sizing():
             assert option_bytes(geometry, "x", d, k) == layer_size("x", geometry, d, k, False).nbytes
     with pytest.raises(ValueError, match="'conv'"):
         option_bytes(g, "conv", 5, 256)
+
+
+def test_exact_allocation_is_the_brute_force_optimum_up_to_the_rounding_of_sizes():
+    import itertools
+    import random
+
+    from bgd_dist.core.budget import allocate_exact
+
+    rng = random.Random(7)
+    for trial in range(25):
+        options = {f"l{i}": [Option(4, 2 ** j, rng.uniform(10, 1000), rng.uniform(0, 1)) for j in range(4)]
+                   for i in range(3)}
+        lo = sum(min(o.nbytes for o in opts) for opts in options.values())
+        hi = sum(max(o.nbytes for o in opts) for opts in options.values())
+        budget = rng.uniform(lo, hi)
+        got = allocate_exact(options, budget, resolution=5000)
+        assert got.total_bytes <= budget
+        combos = list(itertools.product(*(options[n] for n in sorted(options))))
+
+        def optimum(b):
+            errors = [sum(o.error for o in c) for c in combos if sum(o.nbytes for o in c) <= b]
+            return min(errors) if errors else math.inf
+
+        # at least as good as the optimum with 3 rounding units less, never better than the true one
+        assert optimum(budget) - 1e-12 <= got.total_error <= optimum(budget - 3 * budget / 5000) + 1e-12
+        greedy = allocate(options, budget)
+        assert got.total_error <= greedy.total_error + 1e-12
+    with pytest.raises(ValueError, match="infeasible"):
+        allocate_exact({"a": [Option(4, 16, 100.0, 0.1)]}, 50.0)

@@ -184,3 +184,58 @@ def allocate(options: dict[str, list[Option]], budget_bytes: float) -> Allocatio
         if apply_best(candidates, slack) is None:
             break
     return Allocation({name: current[name] for name in names}, budget_bytes)
+
+
+def allocate_exact(options: dict[str, list[Option]], budget_bytes: float, resolution: int = 20000) -> Allocation:
+    """The minimum total error under the budget, by dynamic programming (multiple-choice knapsack).
+
+    Bytes are counted in units of ``budget_bytes / resolution``, every option's
+    size rounded *up*, so the budget is never exceeded; the result is optimal
+    for sizes rounded that way, hence within ``len(options)`` units of the true
+    optimum's budget. Costs ``O(layers · options · resolution)`` (vectorised).
+    ValueError as :func:`allocate` when the budget is infeasible.
+    """
+    import torch
+
+    if math.isnan(budget_bytes) or budget_bytes <= 0 or math.isinf(budget_bytes):
+        if math.isinf(budget_bytes) and budget_bytes > 0:
+            return allocate(options, budget_bytes)
+        raise ValueError(f"budget_bytes must be a positive finite number, got {budget_bytes}")
+    names = sorted(options)
+    for name in names:
+        _check_options(name, options[name])
+    minimum = math.fsum(min(o.nbytes for o in options[n]) for n in names)
+    if minimum > budget_bytes:
+        raise ValueError(f"budget infeasible: the smallest achievable size is {_fmt(minimum)}, "
+                         f"over the budget of {_fmt(budget_bytes)}")
+    if not names:
+        return Allocation({}, budget_bytes)
+    unit = budget_bytes / resolution
+    inf = math.inf
+    best = torch.full((resolution + 1,), inf, dtype=torch.float64)
+    best[0] = 0.0
+    choice = []
+    for name in names:
+        new = torch.full_like(best, inf)
+        pick = torch.full((resolution + 1,), -1, dtype=torch.long)
+        for i, o in enumerate(options[name]):
+            cost = math.ceil(o.nbytes / unit - 1e-9)
+            if cost > resolution:
+                continue
+            cand = torch.full_like(best, inf)
+            cand[cost:] = best[:resolution + 1 - cost] + o.error
+            better = cand < new
+            new = torch.where(better, cand, new)
+            pick = torch.where(better, torch.full_like(pick, i), pick)
+        best = new
+        choice.append(pick)
+    if not torch.isfinite(best).any():
+        # rounding up made every combination exceed the budget: fall back to the greedy
+        return allocate(options, budget_bytes)
+    c = int(torch.argmin(best))
+    picked = {}
+    for name, pick in zip(reversed(names), reversed(choice)):
+        o = options[name][int(pick[c])]
+        picked[name] = o
+        c -= math.ceil(o.nbytes / unit - 1e-9)
+    return Allocation({n: picked[n] for n in names}, budget_bytes)

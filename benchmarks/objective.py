@@ -1,0 +1,245 @@
+"""Which objective fits a layer best at the same size: weights vs paper vs hessian (issue #6).
+
+For every layer a pipeline quantizes, on the trained teacher:
+
+1. the layer's full input statistics ``H`` are collected on the calibration
+   images (what a run collects) and, separately, on held-out images (the
+   evaluation split, through the model's inference path);
+2. three codebooks are fitted with the plan's (d, K) (identical size):
+   ``weights`` (identity metric, classic PQ), ``paper`` (the pooled d x d Gram,
+   which is the mean of H's diagonal blocks) and ``hessian`` (full H, error
+   feedback, exact codebook update);
+3. each is scored by the relative layer-output error on the held-out inputs,
+   ``Σ||Wx - Ŵx||² / Σ||Wx||² = tr(ΔW H' ΔWᵀ) / tr(W H' Wᵀ)``.
+
+Layers are fitted independently on the teacher's inputs (no sequential
+student, no fine-tuning), which isolates the fitting objective. Also printed:
+the fit time of hessian vs paper (ratio) and the statistics memory.
+
+    python -m benchmarks.objective                  # digits ResNet and the shapes Mask R-CNN (demo data)
+    python -m benchmarks.objective --model digits --json runs/objective.json
+    python -m benchmarks.objective --end            # also end metrics: paper vs hessian, with/without fine-tuning
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from bgd_dist.adapters import make_adapter, plan_for
+from bgd_dist.config import load_pipeline
+from bgd_dist.core.hessian import fit_codebook_hessian, pooled_metric, relative_output_error
+from bgd_dist.core.kmeans import fit_codebook
+from bgd_dist.core.sizing import MB
+from bgd_dist.core.stats import HessianStats
+from bgd_dist.nn.modules import get_submodule
+
+ROOT = Path(__file__).resolve().parents[1]
+OBJECTIVES = ("weights", "paper", "hessian")
+TARGET_REDUCTION = 0.25     # hessian >= 25% lower than paper, size-weighted
+TARGET_SHARE = 0.90         # ... and lower on >= 90% of the layers
+
+
+def model_config(which: str, overrides: list[str]):
+    if which == "digits":
+        return load_pipeline(ROOT / "pipelines" / "digits.yaml", ["executor.kind=serial", *overrides])
+    from detection.demo import demo_config
+
+    return demo_config(Path("runs/demo"), quick=False, executor="serial", extra=overrides)
+
+
+@torch.no_grad()
+def collect(model, adapter, layers, batches, run_batch) -> dict[str, HessianStats]:
+    """Full input statistics of ``layers`` (LayerPlan) over ``batches`` run through ``run_batch``."""
+    stats = {l.name: HessianStats.empty(l.geometry, l.block_size, l.name) for l in layers}
+    handles = [get_submodule(model, n).register_forward_pre_hook(lambda m, a, s=s: s.update(a[0]))
+               for n, s in stats.items()]
+    try:
+        model.eval()
+        for batch in batches:
+            run_batch(model, adapter.to_device(batch, torch.device("cpu")))
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def fit_all(teacher, plan, cfg, fit_stats, held_stats, log_each=True) -> list[dict]:
+    q = cfg.quantize
+    rows = []
+    for l in plan.quantized:
+        w = get_submodule(teacher, l.name).weight.detach()
+        h_fit = fit_stats[l.name].metric()
+        held = held_stats[l.name] if held_stats[l.name].n_inputs else fit_stats[l.name]
+        h_held = held.metric()
+        row = {"layer": l.name, "kind": l.geometry.kind, "d": l.block_size, "K": l.n_centroids,
+               "n_weights": l.geometry.n_weights, "row_length": l.geometry.row_length,
+               "held_out_inputs": held_stats[l.name].n_inputs}
+        seed = q.seed + l.order
+        for objective in OBJECTIVES:
+            t = time.perf_counter()
+            if objective == "hessian":
+                cb = fit_codebook_hessian(w, l.geometry, h_fit, l.n_centroids, l.block_size, q.n_iter, q.init,
+                                          seed, l.name, q.refine, q.hessian.rounds, q.hessian.damp,
+                                          q.hessian.cg_steps)
+            else:
+                metric = None if objective == "weights" else pooled_metric(h_fit, l.block_size)
+                cb = fit_codebook(w, l.geometry, metric, l.n_centroids, l.block_size, q.n_iter, q.init, seed,
+                                  l.name, q.refine)
+            row[f"{objective}_seconds"] = time.perf_counter() - t
+            decoded = cb.decode(l.geometry, l.name).half().float()       # the file stores fp16 centroids
+            row[objective] = relative_output_error(w, decoded, l.geometry, h_held)
+            row[f"{objective}_fit"] = relative_output_error(w, decoded, l.geometry, h_fit)
+        rows.append(row)
+        if log_each:
+            print(format_row(row), flush=True)
+    return rows
+
+
+def summary(rows: list[dict], fit_stats: dict) -> dict:
+    total = sum(r["n_weights"] for r in rows)
+    mean = {o: sum(r[o] * r["n_weights"] for r in rows) / total for o in OBJECTIVES}
+    lower = sum(r["hessian"] < r["paper"] for r in rows)
+    hessian_bytes = sum(s.nbytes for s in fit_stats.values())
+    gram_bytes = sum(r["d"] ** 2 * 8 for r in rows)
+    t_paper = sum(r["paper_seconds"] for r in rows)
+    t_hessian = sum(r["hessian_seconds"] for r in rows)
+    return {
+        "layers": len(rows), "size_weighted_error": mean,
+        "reduction_vs_paper": 1 - mean["hessian"] / mean["paper"],
+        "layers_lower": lower, "share_lower": lower / len(rows),
+        "fit_seconds": {"paper": t_paper, "hessian": t_hessian}, "fit_time_ratio": t_hessian / t_paper,
+        "per_layer_time_ratio_max": max(r["hessian_seconds"] / r["paper_seconds"] for r in rows),
+        "stats_mb": {"hessian": hessian_bytes / MB, "gram": gram_bytes / MB},
+        "largest_hessian_mb": max(s.nbytes for s in fit_stats.values()) / MB,
+    }
+
+
+def format_row(r: dict) -> str:
+    return (f"| {r['layer']:<42} | {r['d']:>2} | {r['K']:>4} | {r['weights']:>8.4f} | {r['paper']:>8.4f} | "
+            f"{r['hessian']:>8.4f} | {1 - r['hessian'] / r['paper']:>+7.1%} | "
+            f"{r['hessian_seconds'] / r['paper_seconds']:>5.1f}x |")
+
+
+HEAD = (f"| {'layer':<42} | {'d':>2} | {'K':>4} | {'weights':>8} | {'paper':>8} | {'hessian':>8} | "
+        f"{'vs paper':>7} | {'time':>6} |")
+
+
+def format_summary(name: str, s: dict) -> str:
+    m = s["size_weighted_error"]
+    ok_red = "ok" if s["reduction_vs_paper"] >= TARGET_REDUCTION else "MISSED"
+    ok_share = "ok" if s["share_lower"] >= TARGET_SHARE else "MISSED"
+    return "\n".join([
+        f"{name}: {s['layers']} layers, relative layer-output error on held-out inputs, size-weighted mean:",
+        f"  weights {m['weights']:.4f} | paper {m['paper']:.4f} | hessian {m['hessian']:.4f}",
+        f"  hessian vs paper: {s['reduction_vs_paper']:.1%} lower (target >= {TARGET_REDUCTION:.0%}: {ok_red}); "
+        f"lower on {s['layers_lower']}/{s['layers']} layers = {s['share_lower']:.0%} "
+        f"(target >= {TARGET_SHARE:.0%}: {ok_share})",
+        f"  fit time: paper {s['fit_seconds']['paper']:.1f} s, hessian {s['fit_seconds']['hessian']:.1f} s "
+        f"(ratio {s['fit_time_ratio']:.1f}x; worst layer {s['per_layer_time_ratio_max']:.1f}x)",
+        f"  statistics memory: full H {s['stats_mb']['hessian']:.2f} MB (largest layer "
+        f"{s['largest_hessian_mb']:.2f} MB) vs pooled Gram {s['stats_mb']['gram'] * 1024:.1f} KiB",
+    ])
+
+
+def layer_benchmark(which: str, overrides: list[str]) -> dict:
+    cfg = model_config(which, overrides)
+    adapter = make_adapter(cfg.model, cfg.data)
+    teacher = adapter.build_model().eval()
+    plan = plan_for(cfg, teacher, adapter)
+    q = cfg.quantize
+    t = time.perf_counter()
+    fit_stats = collect(teacher, adapter, plan.quantized,
+                        adapter.calibration_batches(0, 1, q.n_calibration, q.batch_size, q.seed), adapter.forward)
+    held_stats = collect(teacher, adapter, plan.quantized, adapter.eval_batches(0, 1, cfg.eval.max_images),
+                         lambda m, b: adapter.predict(m, b))
+    print(f"{which}: statistics of {len(plan.quantized)} layers on {q.n_calibration} calibration images and "
+          f"the held-out split in {time.perf_counter() - t:.1f} s", flush=True)
+    print(HEAD, flush=True)
+    rows = fit_all(teacher, plan, cfg, fit_stats, held_stats)
+    s = summary(rows, fit_stats)
+    print(format_summary(f"{which} ({cfg.name})", s), flush=True)
+    return {"model": which, "pipeline": cfg.name, "rows": rows, "summary": s}
+
+
+# -- end metrics ----------------------------------------------------------------------------------------------------
+NO_FT = ["finetune.layerwise.enabled=false", "finetune.global.enabled=false"]
+LAYERWISE = ["finetune.global.enabled=false"]
+END_VARIANTS = [
+    ("paper, no fine-tuning", ["quantize.objective=paper", *NO_FT]),
+    ("paper, layer-wise fine-tuning", ["quantize.objective=paper", *LAYERWISE]),
+    ("paper, full pipeline", ["quantize.objective=paper"]),
+    ("hessian, no fine-tuning", ["quantize.objective=hessian", *NO_FT]),
+    ("hessian, layer-wise fine-tuning", ["quantize.objective=hessian", *LAYERWISE]),
+    ("hessian, full pipeline", ["quantize.objective=hessian"]),
+]
+
+
+def end_metrics(which: str, overrides: list[str], out: Path) -> list[dict]:
+    from bgd_dist.runner import run
+
+    rows = []
+    for label, extra in END_VARIANTS:
+        cfg = model_config(which, [*overrides, *extra])
+        run_dir = out / which / label.replace(", ", "_").replace(" ", "_").replace("-", "_")
+        if (run_dir / "manifest.json").exists():
+            shutil.rmtree(run_dir)
+        report = run(cfg, run_dir, progress=False)
+        m = report["metrics_after"]
+        row = {"model": which, "variant": label, "size_mb": report["compressed_mb"], "ratio": report["ratio"],
+               "metrics": m, "teacher": report["metrics_before"], "seconds": report["seconds"]}
+        rows.append(row)
+        print(format_end_row(row), flush=True)
+    return rows
+
+
+def _score(m: dict) -> str:
+    if "top1" in m:
+        return f"top-1 {m['top1']:.2f}"
+    return f"box AP {m['bbox_AP']:.3f} / mask AP {m['segm_AP']:.3f}"
+
+
+def format_end_row(r: dict) -> str:
+    return (f"| {r['model']:<6} | {r['variant']:<32} | {r['size_mb']:>7.4f} MB | {r['ratio']:>5.1f}x | "
+            f"{_score(r['metrics']):<32} | {r['seconds']['fit']:>6.1f} s fit | {r['seconds']['total']:>6.0f} s |")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["digits", "shapes", "both"], default="both")
+    p.add_argument("--end", action="store_true", help="also run the pipelines: paper vs hessian end metrics")
+    p.add_argument("--skip-layers", action="store_true", help="only the end metrics")
+    p.add_argument("--out", default="runs/bench_objective", help="run directories of --end")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", help="also write everything to this JSON file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    models = ["digits", "shapes"] if args.model == "both" else [args.model]
+    result: dict = {"layers": [], "end": []}
+    for which in models:
+        if not args.skip_layers:
+            result["layers"].append(layer_benchmark(which, args.overrides))
+    if args.end:
+        for which in models:
+            result["end"].extend(end_metrics(which, args.overrides, Path(args.out)))
+    print()
+    for r in result["layers"]:
+        print(format_summary(f"{r['model']} ({r['pipeline']})", r["summary"]))
+    if result["end"]:
+        print("\nend metrics at identical size (serial executor, same seeds):")
+        for r in result["end"]:
+            print(format_end_row(r))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+if __name__ == "__main__":
+    main()
