@@ -107,6 +107,8 @@ def cmd_quantize(args) -> int:
         overrides.append("finetune.global.enabled=false")
     if args.weights_only:
         overrides.append("quantize.objective=weights")
+    elif args.objective:
+        overrides.append(f"quantize.objective={args.objective}")
     cfg = load_pipeline(args.pipeline, overrides)
     executor = make_executor(cfg, kind=args.executor, address=args.address)
     out = args.out or f"runs/{cfg.name}"
@@ -200,6 +202,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-layerwise", action="store_true", help="no layer-wise distillation")
     p.add_argument("--skip-global", action="store_true", help="no global distillation")
     p.add_argument("--weights-only", action="store_true", help="weights-only objective (classic PQ baseline)")
+    p.add_argument("--objective", choices=["paper", "weights", "hessian"],
+                   help="the default objective of every layer (rules may still set their own)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation before and after")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)

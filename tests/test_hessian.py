@@ -203,3 +203,37 @@ def test_a_run_with_the_hessian_objective_and_the_size_fallback(tmp_path, caplog
                for r in caplog.records)
     stats = load_stage_stats(tmp_path / "f" / "stages" / "0" / "stats.pt")
     assert {type(s).__name__ for s in stats.values()} == {"GramStats"}
+
+
+def test_bgd_quantize_objective_flag(tmp_path):
+    from bgd_dist.cli import main
+    from bgd_dist.runner import load_stage_stats
+
+    path = tmp_path / "toy.yaml"
+    path.write_text(toy_config(quantize={"hessian": {"rounds": 1, "cg_steps": 2}}).to_yaml())
+    out = tmp_path / "run"
+    assert main(["quantize", str(path), "--objective", "hessian", "--executor", "serial", "--skip-layerwise",
+                 "--skip-global", "--no-eval", "--no-progress", "--out", str(out)]) == 0
+    assert "objective: hessian" in (out / "config.yaml").read_text()
+    assert type(load_stage_stats(out / "stages" / "0" / "stats.pt")["conv2"]).__name__ == "HessianStats"
+
+
+@pytest.mark.parametrize("module, x", [
+    (nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), torch.randn(6, 8, 7, 7)),        # depthwise
+    (nn.ConvTranspose2d(8, 4, 2, stride=2, bias=False), torch.randn(6, 8, 5, 5)),
+    (nn.Linear(16, 12, bias=False), torch.randn(60, 16)),
+])
+def test_hessian_fits_every_layer_kind(module, x):
+    torch.manual_seed(0)
+    geom = geometry_of(module)
+    d = 3 if geom.row_length % 3 == 0 else 4
+    st = HessianStats.empty(geom, d, "m")
+    st.update(x)
+    n_sub = geom.n_subvectors(d)
+    k = max(2, n_sub // 8)
+    cb = fit_codebook_hessian(module.weight.detach(), geom, st.metric(), k, d, 5, rounds=2, cg_steps=5)
+    assert cb.assignments.shape == (n_sub,) and int(cb.assignments.max()) < k
+    assert all(b <= a for a, b in zip(cb.objective, cb.objective[1:]))
+    paper = fit_codebook(module.weight.detach(), geom, st.pooled().metric(), k, d, 5)
+    assert cb.objective[-1] <= relative_output_error(module.weight.detach(), paper.decode(geom), geom,
+                                                     st.metric()) + 1e-9
