@@ -26,6 +26,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/decode_speed.py
 	$(PY) benchmarks/digits.py
 	$(PY) benchmarks/distributed.py
+	$(PY) -m benchmarks.objective --end
+	$(PY) -m benchmarks.budget
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

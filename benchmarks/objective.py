@@ -74,10 +74,12 @@ def fit_all(teacher, plan, cfg, fit_stats, held_stats, log_each=True) -> list[di
     q = cfg.quantize
     rows = []
     for l in plan.quantized:
+        if not held_stats[l.name].n_inputs:
+            print(f"{l.name}: no held-out input reached this layer; left out of the comparison", flush=True)
+            continue
         w = get_submodule(teacher, l.name).weight.detach()
         h_fit = fit_stats[l.name].metric()
-        held = held_stats[l.name] if held_stats[l.name].n_inputs else fit_stats[l.name]
-        h_held = held.metric()
+        h_held = held_stats[l.name].metric()
         row = {"layer": l.name, "kind": l.geometry.kind, "d": l.block_size, "K": l.n_centroids,
                "n_weights": l.geometry.n_weights, "row_length": l.geometry.row_length,
                "held_out_inputs": held_stats[l.name].n_inputs}
@@ -202,7 +204,7 @@ def end_metrics(which: str, overrides: list[str], out: Path) -> list[dict]:
 def _score(m: dict) -> str:
     if "top1" in m:
         return f"top-1 {m['top1']:.2f}"
-    return f"box AP {m['bbox_AP']:.3f} / mask AP {m['segm_AP']:.3f}"
+    return f"box AP {m['box_AP']:.3f} / mask AP {m['mask_AP']:.3f}"
 
 
 def format_end_row(r: dict) -> str:

@@ -11,7 +11,9 @@
 3. One short paper fit per candidate (``allocation.n_iter`` iterations; fit
    tasks run on the executor), scored by its exact relative layer-output
    error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``. A layer whose ``H`` would exceed
-   ``max_mb`` is scored by its relative weight error instead.
+   ``max_mb`` (or a grouped convolution) is scored by the paper's relative
+   objective instead (the same error without the cross-terms between blocks),
+   from a pooled Gram collected at the lcm of its candidate block sizes.
 4. ``allocation.method``: ``greedy`` (:func:`bgd_dist.core.budget.allocate`,
    error decrease per byte along each layer's convex hull, then a fill) or
    ``exact`` (:func:`bgd_dist.core.budget.allocate_exact`, the optimum by
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import torch
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .core.budget import Option, allocate, allocate_exact, candidate_options, option_bytes
 from .core.hessian import pooled_metric, relative_output_error
-from .core.kmeans import clamp_n_centroids, relative_error
+from .core.kmeans import clamp_n_centroids
 from .core.sizing import MB, size_report
 from .core.stats import HessianStats
 from .nn.modules import get_submodule
@@ -59,6 +62,10 @@ def _groups(layers, max_bytes: float) -> list[list]:
     return groups
 
 
+def _full_statistics(layer, max_bytes: float) -> bool:
+    return layer.geometry.groups == 1 and HessianStats.bytes_for(layer.geometry) <= max_bytes
+
+
 def candidates_of(layer, cfg) -> list[tuple[int, int]]:
     """The (d, K) pairs a layer may take (the allowed sets plus its rule's choice)."""
     a, q = cfg.quantize.allocation, cfg.quantize
@@ -78,43 +85,44 @@ def allocation_options(cfg, teacher: torch.nn.Module, plan: Plan, executor,
     q = cfg.quantize
     layers = plan.quantized
     max_bytes = q.hessian.max_mb * MB
-    small = [l for l in layers if HessianStats.bytes_for(l.geometry) <= max_bytes]
-    large = [l for l in layers if HessianStats.bytes_for(l.geometry) > max_bytes]
+    small = [l for l in layers if _full_statistics(l, max_bytes)]
+    large = [l for l in layers if not _full_statistics(l, max_bytes)]
     n_images = q.allocation.n_calibration or q.n_calibration
     executor.load_student(student_state(teacher))
     options: dict[str, list[Option]] = {}
     table: dict[str, list[dict]] = {}
     bar = tqdm(total=len(layers), desc="allocate", unit="layer", disable=not progress)
-    for group in _groups(small, max_bytes) + [[l] for l in large]:
-        hessians = {}
-        if group[0] in small:
-            stats = executor.collect([(l.name, l.geometry, l.block_size, "hessian") for l in group], n_images,
-                                     q.batch_size, q.seed * 1000 + 777)
-            for l in group:
-                stats[l.name].check()
-                hessians[l.name] = stats[l.name].metric()
+    for group, full in [(g, True) for g in _groups(small, max_bytes)] + ([(large, False)] if large else []):
+        candidates = {l.name: candidates_of(l, cfg) for l in group}
+        # full: the L x L Hessian; otherwise the pooled Gram at the lcm of the candidate block sizes,
+        # from which the pooled Gram of every candidate d follows (the mean of its diagonal blocks)
+        request = [(l.name, l.geometry, l.block_size if full else math.lcm(*{d for d, _ in candidates[l.name]}),
+                    "hessian" if full else "gram") for l in group]
+        stats = executor.collect(request, n_images, q.batch_size, q.seed * 1000 + 777)
+        metrics = {}
+        for l in group:
+            stats[l.name].check()
+            metrics[l.name] = stats[l.name].metric()
         jobs, keys = [], {}
         for l in group:
             weight = get_submodule(teacher, l.name).weight.detach().cpu()
-            for d, k in candidates_of(l, cfg):
-                metric = pooled_metric(hessians[l.name], d) if l.name in hessians else None
+            for d, k in candidates[l.name]:
                 job_name = f"{l.name}[d={d},K={k}]"
                 keys[job_name] = (l, d, k)
-                jobs.append(FitJob(job_name, weight, l.geometry, metric, k, d, q.allocation.n_iter, q.init,
-                                   q.seed + l.order, q.refine))
+                jobs.append(FitJob(job_name, weight, l.geometry, pooled_metric(metrics[l.name], d), k, d,
+                                   q.allocation.n_iter, q.init, q.seed + l.order, q.refine))
         fitted = executor.fit(jobs)
         for job_name, (l, d, k) in keys.items():
             cb, seconds = fitted[job_name]
-            weight = get_submodule(teacher, l.name).weight.detach().cpu()
-            decoded = cb.decode(l.geometry, l.name)
-            if l.name in hessians:
-                error = relative_output_error(weight, decoded, l.geometry, hessians[l.name])
-            else:
-                error = relative_error(weight, decoded)
+            if full:   # the exact relative output error
+                weight = get_submodule(teacher, l.name).weight.detach().cpu()
+                error = relative_output_error(weight, cb.decode(l.geometry, l.name), l.geometry, metrics[l.name])
+            else:      # the paper's relative objective: the output error without cross-terms between blocks
+                error = cb.objective[-1]
             opt = Option(d, k, option_bytes(l.geometry, l.name, d, k), max(0.0, error))
             options.setdefault(l.name, []).append(opt)
             table.setdefault(l.name, []).append({**dataclasses.asdict(opt), "fit_seconds": seconds,
-                                                 "predicted_by": "output" if l.name in hessians else "weights"})
+                                                 "predicted_by": "output" if full else "pooled"})
         bar.update(len(group))
     bar.close()
     return options, table

@@ -139,12 +139,39 @@ FIT_OBJECTIVE = {"identity": "weights", "gram": "paper", "hessian": "hessian"}
 
 def stats_kind(layer, hessian_cfg) -> str:
     """``identity`` (weights), ``gram`` (paper) or ``hessian``; a ``hessian`` layer whose
-    L x L float64 matrix would exceed ``hessian_cfg.max_mb`` falls back to ``gram``."""
+    L x L float64 matrix would exceed ``hessian_cfg.max_mb``, or a grouped convolution,
+    falls back to ``gram``."""
     if layer.objective == "weights":
         return "identity"
     if layer.objective == "hessian":
-        return "hessian" if HessianStats.bytes_for(layer.geometry) <= hessian_cfg.max_mb * MB else "gram"
+        return "hessian" if hessian_fallback(layer, hessian_cfg) is None else "gram"
     return "gram"
+
+
+def hessian_fallback(layer, hessian_cfg) -> str | None:
+    """Why a layer cannot use its full input statistics (None: it can)."""
+    if layer.geometry.groups != 1:
+        return f"it is a grouped convolution (groups = {layer.geometry.groups}; each group sees its own inputs)"
+    mb = HessianStats.bytes_for(layer.geometry) / MB
+    if mb > hessian_cfg.max_mb:
+        return (f"its {layer.geometry.row_length}x{layer.geometry.row_length} input Hessian ({mb:.1f} MB) exceeds "
+                f"quantize.hessian.max_mb = {hessian_cfg.max_mb:g}")
+    return None
+
+
+def collect_groups(layers: list[tuple], max_bytes: float) -> list[list[tuple]]:
+    """Split a stage's ``(name, geometry, d, kind)`` into calibration passes so that the Hessians
+    of one pass stay within ``max_bytes`` (the small statistics all go with the first pass)."""
+    groups: list[list[tuple]] = [[]]
+    size = 0.0
+    for entry in layers:
+        b = HessianStats.bytes_for(entry[1]) if entry[3] == "hessian" else 0
+        if b and groups[-1] and size + b > max_bytes:
+            groups.append([])
+            size = 0.0
+        groups[-1].append(entry)
+        size += b
+    return groups
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -233,25 +260,30 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
             kinds = {l.name: stats_kind(l, q.hessian) for l in entries}
             for l in entries:
                 if l.objective == "hessian" and kinds[l.name] != "hessian":
-                    mb = HessianStats.bytes_for(l.geometry) / MB
-                    log.warning("stage %d/%d %s: its %dx%d input Hessian (%.1f MB) exceeds quantize.hessian.max_mb "
-                                "= %g; using the pooled Gram (paper objective) for this layer", s + 1,
-                                len(plan.stages), l.name, l.geometry.row_length, l.geometry.row_length, mb,
-                                q.hessian.max_mb)
-                    jlog.write("hessian_fallback", stage=s, layer=l.name, hessian_mb=mb, max_mb=q.hessian.max_mb)
+                    why = hessian_fallback(l, q.hessian)
+                    log.warning("stage %d/%d %s: %s; using the pooled Gram (paper objective) for this layer",
+                                s + 1, len(plan.stages), l.name, why)
+                    jlog.write("hessian_fallback", stage=s, layer=l.name, reason=why)
             layers = [(l.name, l.geometry, l.block_size, kinds[l.name]) for l in entries]
             need_stats = any(kind != "identity" for *_, kind in layers)
             stats = {}
+            passes: list = []
+            peak = 0       # statistics held by one worker at a time (bytes)
             if need_stats:
-                with tqdm(total=q.n_calibration, desc=f"collect {s}", unit="img", leave=False,
+                passes = collect_groups(layers, q.hessian.max_mb * MB)
+                with tqdm(total=q.n_calibration * len(passes), desc=f"collect {s}", unit="img", leave=False,
                           disable=not progress) as pbar:
-                    stats = executor.collect(layers, q.n_calibration, q.batch_size, q.seed * 1000 + s,
-                                             progress=pbar.update)
+                    for group in passes:   # several passes only when the stage's Hessians exceed max_mb
+                        part = executor.collect(group, q.n_calibration, q.batch_size, q.seed * 1000 + s,
+                                                progress=pbar.update)
+                        peak = max(peak, sum(st.nbytes for st in part.values()))
+                        stats.update(part)
                 atomic_write(out / "stages" / str(s) / "stats.pt",
                              lambda f: torch.save({n: st.state() for n, st in stats.items()}, f))
                 memory = sum(st.nbytes for st in stats.values())
-                log.info("stage %d/%d statistics (%s): %.3f MB per worker, %.3f MB returned to the driver",
-                         s + 1, len(plan.stages), ", ".join(sorted(set(kinds.values()))), memory / MB,
+                log.info("stage %d/%d statistics (%s, %d calibration pass%s): %.3f MB per worker, %.3f MB "
+                         "returned to the driver", s + 1, len(plan.stages), ", ".join(sorted(set(kinds.values()))),
+                         len(passes), "" if len(passes) == 1 else "es", peak / MB,
                          memory * getattr(executor, "num_shards", 1) / MB)
             times["collect"] += time.perf_counter() - t
             # b. one codebook per layer
@@ -299,10 +331,9 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
             # e. checkpoint, then mark done
             save_stage(stage_file, student, names)
             manifest.mark(s, layers=names, files=[str(stage_file.relative_to(out))], bytes_shipped=shipped)
-            stats_memory = sum(st.nbytes for st in stats.values())   # per worker, and once more merged
-            stats_bytes = stats_memory * getattr(executor, "num_shards", 1)
+            stats_bytes = sum(st.nbytes for st in stats.values()) * getattr(executor, "num_shards", 1)
             stage_info = {"stage": s, "layers": names, "bytes_shipped": shipped, "stats_bytes_returned": stats_bytes,
-                          "stats_memory_bytes": stats_memory,
+                          "stats_memory_bytes": peak, "stats_passes": len(passes),
                           "stats_kinds": sorted(set(kinds.values())),
                           "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None}
             report["stages"].append(stage_info)

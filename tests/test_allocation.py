@@ -43,7 +43,9 @@ def test_options_cover_the_allowed_sets_and_the_rule_and_errors_fall_with_more_c
         pairs = {(o.block_size, o.n_centroids) for o in options[l.name]}
         assert (l.block_size, l.n_centroids) in pairs                     # the rule's own choice
         assert all(l.geometry.row_length % d == 0 for d, _ in pairs)
-        assert all(r["predicted_by"] == "output" for r in table[l.name])
+        # the toy's conv3 is grouped: scored by the paper objective from a pooled Gram
+        expected = "pooled" if l.name == "conv3" else "output"
+        assert all(r["predicted_by"] == expected for r in table[l.name])
         for d in {d for d, _ in pairs}:
             by_k = sorted((o.n_centroids, o.error) for o in options[l.name] if o.block_size == d)
             # more centroids never predict a (much) worse layer
@@ -118,3 +120,23 @@ def test_allocation_settings_are_validated_by_name(tmp_path):
         load_pipeline(path, ["quantize.target_mb=-1"])
     with pytest.raises(ConfigError, match="hessian.*damp"):
         load_pipeline(path, ["quantize.hessian.damp=0"])
+
+
+def test_layers_over_max_mb_are_predicted_from_one_pooled_gram_and_still_allocated(toy_options):
+    cfg0, teacher, plan, exact_options, _ = toy_options
+    cfg = alloc_config(hessian={"max_mb": 1e-6})
+    with SerialExecutor(num_shards=2) as ex:
+        ex.start(cfg.model, cfg.data)
+        options, table = allocation_options(cfg, teacher, plan, ex, progress=False)
+    assert all(r["predicted_by"] == "pooled" for rows in table.values() for r in rows)
+    assert {n: sorted((o.block_size, o.n_centroids) for o in opts) for n, opts in options.items()} == \
+        {n: sorted((o.block_size, o.n_centroids) for o in opts) for n, opts in exact_options.items()}
+    # the paper's objective is the output error without cross-terms: same scale, same ordering of K
+    for name in options:
+        if name == "conv3":
+            continue
+        for o, e in zip(sorted(options[name], key=lambda o: (o.block_size, o.n_centroids)),
+                        sorted(exact_options[name], key=lambda o: (o.block_size, o.n_centroids))):
+            assert 0.2 * e.error <= o.error <= 5 * e.error + 1e-3, (name, o, e)
+    new_plan, chosen, _ = choose(cfg, teacher, plan, options, TARGET)
+    assert size_report(teacher, new_plan).compressed_bytes <= TARGET * MB

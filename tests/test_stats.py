@@ -287,3 +287,17 @@ def test_identity_statistics_are_the_weights_only_baseline():
     assert torch.equal(stats.metric(), torch.eye(9, dtype=torch.float64))
     restored = stats_from_state(stats.merge(stats).state())
     assert isinstance(restored, IdentityStats) and restored.block_size == 9
+
+
+def test_the_pooled_gram_of_a_smaller_block_size_follows_from_a_larger_one():
+    # what the allocation relies on: the Gram at D gives the Gram of every d dividing D
+    from bgd_dist.core.hessian import pooled_metric
+
+    g = geometry_of(nn.Conv2d(8, 4, 3, padding=1))       # row length 72
+    x = torch.randn(5, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    big = GramStats.empty(g, 36, "c")
+    big.update(x)
+    for d in (4, 9, 12, 36):
+        small = GramStats.empty(g, d, "c")
+        small.update(x)
+        torch.testing.assert_close(pooled_metric(big.metric(), d), small.metric(), rtol=1e-12, atol=1e-12)

@@ -7,8 +7,13 @@ exactly
     f(C, A) = tr((W - Ŵ) H (W - Ŵ)ᵀ),   H = E[x xᵀ]   (L x L, L = row length),
 
 with ``W`` the ``(n_rows, L)`` weight matrix and ``Ŵ`` its decoding
-(block ``j`` of row ``p`` is centroid ``A[j, p]``). Two things the pooled
-metric cannot do are done here:
+(block ``j`` of row ``p`` is centroid ``A[j, p]``). For a conv2d with groups = 1
+and for linear layers this is the exact squared output error summed over the
+inputs ``H`` was collected on; for a transposed convolution whose kernel
+windows overlap (stride < kernel) it is the same per-input-pixel
+approximation the paper's metric makes. Grouped convolutions are not
+supported (each group sees its own inputs; the paper objective is used).
+Two things the pooled metric cannot do are done here:
 
 - **error-feedback assignment** (GPTQ/OBS, as in GPTVQ): blocks of ``d``
   input columns are assigned in order, each under the local metric
@@ -19,8 +24,9 @@ metric cannot do are done here:
 - **exact codebook update**: for fixed assignments ``f`` is a quadratic in
   the ``K·d`` centroid values; its minimiser solves ``Sᵀ H S c = Sᵀ H w``
   (``S`` the sparse decoding operator). It is solved by preconditioned
-  conjugate gradients (block-Jacobi: the per-centroid ``d x d`` blocks, which
-  alone give the paper's cluster means), started from the current centroids,
+  conjugate gradients (preconditioner: for every centroid the sum of the
+  diagonal ``d x d`` blocks of ``H`` it is used at, which alone would give the
+  paper's cluster means), started from the current centroids,
   so ``f`` decreases at every step.
 
 :func:`fit_codebook_hessian` starts from the paper's solution under the pooled
@@ -219,6 +225,9 @@ def fit_codebook_hessian(
         raise ValueError(f"layer {name!r}: rounds and cg_steps must be >= 0, got {rounds}, {cg_steps}")
     if not damp > 0:
         raise ValueError(f"layer {name!r}: damp must be > 0, got {damp}")
+    if geometry.groups != 1:
+        raise ValueError(f"layer {name!r}: the hessian objective needs groups = 1 (got {geometry.groups}); "
+                         f"use the paper objective for grouped convolutions")
     length = geometry.row_length
     if tuple(hessian.shape) != (length, length):
         raise ValueError(f"layer {name!r}: hessian shape {tuple(hessian.shape)} != ({length}, {length})")
@@ -235,6 +244,10 @@ def fit_codebook_hessian(
     w = weight_matrix(weight.detach(), geometry).to(torch.float64)
     n_rows = w.shape[0]
     total = output_error(w, torch.zeros_like(w), h)
+    if total <= 0:
+        # the layer's output is zero on every input (zero weights, or weights only where H has no
+        # variance): nothing to improve on the paper's codebook
+        return Codebook(base.centroids, base.assignments, (0.0, 0.0), base.n_empty_repaired)
 
     def objective(c: Tensor, a: Tensor) -> float:
         return output_error(w, decode_matrix(c, a, n_rows), h) / total

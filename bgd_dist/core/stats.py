@@ -111,7 +111,9 @@ class HessianStats:
     ``C_in/groups · kh · kw`` values, one input vector for linear), so
     ``tr((W - Ŵ) H (W - Ŵ)ᵀ) / n_inputs`` is the mean squared layer-output
     error of the weight matrix ``Ŵ`` exactly, cross-terms between blocks
-    included (issue #6). The paper's pooled metric is the sum of its ``d x d``
+    included (issue #6), for conv2d and linear layers (transposed convs with
+    overlapping windows: per input pixel, as the paper's metric). Grouped
+    convolutions are refused (each group sees its own inputs). The paper's pooled metric is the sum of its ``d x d``
     diagonal blocks (:meth:`pooled`), so one pass serves both objectives.
     Additive over images like :class:`GramStats`. ``n_rows`` counts
     ``d``-dimensional rows as in :class:`GramStats` (inputs x blocks).
@@ -130,6 +132,10 @@ class HessianStats:
     def empty(cls, geometry: LayerGeometry, block_size: int, layer: str = "<layer>",
               device: torch.device | str | None = None, max_rows: int = 65536) -> "HessianStats":
         check_block_size(geometry, block_size, layer)
+        if geometry.groups != 1:
+            # every group's rows multiply only that group's inputs: one pooled H would be wrong
+            raise ValueError(f"layer {layer!r}: full input statistics need groups = 1 (got {geometry.groups}); "
+                             f"use the paper objective (pooled Gram) for grouped convolutions")
         length = geometry.row_length
         hessian = torch.zeros(length, length, dtype=torch.float64, device=device)
         return cls(geometry, block_size, hessian, 0, 0, layer, max_rows)
