@@ -137,17 +137,19 @@ def test_full_run_on_ray(ray_cluster, tmp_path):
 def test_ray_and_serial_agree_on_hessian_statistics_and_fits(setup, executors):
     cfg, adapter, teacher, plan = setup
     ray_ex, serial = executors
-    layers = [(n, plan.layer(n).geometry, plan.layer(n).block_size, "hessian") for n in plan.stages[1]]
+    names = [l.name for l in plan.quantized if l.geometry.groups == 1 and l.geometry.kind != "linear"]
+    assert len(names) >= 2             # conv2 and the 1x1 shortcut (conv3 is grouped: no full statistics)
+    layers = [(n, plan.layer(n).geometry, plan.layer(n).block_size, "hessian") for n in names]
     results = []
     for ex in (ray_ex, serial):
         ex.load_student(student_state(teacher))
         stats = ex.collect(layers, 32, 8, seed=5)
         jobs = [FitJob(n, get_submodule(teacher, n).weight.detach(), plan.layer(n).geometry, stats[n].metric(),
                        plan.layer(n).n_centroids, plan.layer(n).block_size, 4, "random", 0, objective="hessian",
-                       hessian_rounds=2, hessian_cg_steps=5) for n in plan.stages[1]]
+                       hessian_rounds=2, hessian_cg_steps=5) for n in names]
         results.append((stats, ex.fit(jobs)))
     (st_r, cb_r), (st_s, cb_s) = results
-    for n in plan.stages[1]:
+    for n in names:
         length = plan.layer(n).geometry.row_length
         assert st_r[n].hessian.shape == (length, length)
         torch.testing.assert_close(st_r[n].hessian, st_s[n].hessian, rtol=1e-9, atol=0)
