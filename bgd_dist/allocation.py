@@ -38,28 +38,13 @@ from .core.budget import Option, allocate, allocate_exact, candidate_options, op
 from .core.hessian import pooled_metric, relative_output_error
 from .core.kmeans import clamp_n_centroids
 from .core.sizing import MB, size_report
-from .core.stats import HessianStats
+from .core.stats import HessianStats, memory_groups
 from .nn.modules import get_submodule
 from .plan import Plan
 from .student import student_state
 from .worker import FitJob
 
 log = logging.getLogger("bgd.allocation")
-
-
-def _groups(layers, max_bytes: float) -> list[list]:
-    """Consecutive groups of layers whose Hessians together stay within ``max_bytes``."""
-    groups, current, size = [], [], 0
-    for l in layers:
-        b = HessianStats.bytes_for(l.geometry)
-        if current and size + b > max_bytes:
-            groups.append(current)
-            current, size = [], 0
-        current.append(l)
-        size += b
-    if current:
-        groups.append(current)
-    return groups
 
 
 def _full_statistics(layer, max_bytes: float) -> bool:
@@ -92,7 +77,10 @@ def allocation_options(cfg, teacher: torch.nn.Module, plan: Plan, executor,
     options: dict[str, list[Option]] = {}
     table: dict[str, list[dict]] = {}
     bar = tqdm(total=len(layers), desc="allocate", unit="layer", disable=not progress)
-    for group, full in [(g, True) for g in _groups(small, max_bytes)] + ([(large, False)] if large else []):
+    passes = [(g, True) for g in memory_groups(small, lambda l: HessianStats.bytes_for(l.geometry), max_bytes)]
+    if large:
+        passes.append((large, False))
+    for group, full in passes:
         candidates = {l.name: candidates_of(l, cfg) for l in group}
         # full: the L x L Hessian; otherwise the pooled Gram at the lcm of the candidate block sizes,
         # from which the pooled Gram of every candidate d follows (the mean of its diagonal blocks)
@@ -104,19 +92,19 @@ def allocation_options(cfg, teacher: torch.nn.Module, plan: Plan, executor,
             stats[l.name].check()
             metrics[l.name] = stats[l.name].metric()
         jobs, keys = [], {}
+        weights = {l.name: get_submodule(teacher, l.name).weight.detach().cpu() for l in group}
         for l in group:
-            weight = get_submodule(teacher, l.name).weight.detach().cpu()
             for d, k in candidates[l.name]:
                 job_name = f"{l.name}[d={d},K={k}]"
                 keys[job_name] = (l, d, k)
-                jobs.append(FitJob(job_name, weight, l.geometry, pooled_metric(metrics[l.name], d), k, d,
+                jobs.append(FitJob(job_name, weights[l.name], l.geometry, pooled_metric(metrics[l.name], d), k, d,
                                    q.allocation.n_iter, q.init, q.seed + l.order, q.refine))
         fitted = executor.fit(jobs)
         for job_name, (l, d, k) in keys.items():
             cb, seconds = fitted[job_name]
             if full:   # the exact relative output error
-                weight = get_submodule(teacher, l.name).weight.detach().cpu()
-                error = relative_output_error(weight, cb.decode(l.geometry, l.name), l.geometry, metrics[l.name])
+                error = relative_output_error(weights[l.name], cb.decode(l.geometry, l.name), l.geometry,
+                                              metrics[l.name])
             else:      # the paper's relative objective: the output error without cross-terms between blocks
                 error = cb.objective[-1]
             opt = Option(d, k, option_bytes(l.geometry, l.name, d, k), max(0.0, error))
@@ -128,16 +116,22 @@ def allocation_options(cfg, teacher: torch.nn.Module, plan: Plan, executor,
     return options, table
 
 
-def choose(cfg, teacher: torch.nn.Module, plan: Plan, options: dict[str, list[Option]], target_mb: float,
-           method: str | None = None):
-    """The plan meeting ``target_mb`` from precomputed options; returns (plan, Allocation, fixed bytes)."""
-    q = cfg.quantize
-    method = method or q.allocation.method
+def _budget(teacher: torch.nn.Module, plan: Plan, target_mb: float) -> tuple[float, float]:
+    """(bytes left for the quantized layers, bytes that stay fp32); an error when nothing is left."""
     fixed_bytes = size_report(teacher, plan).other_bytes   # skipped layers and every other parameter, fp32
     budget = target_mb * MB - fixed_bytes
     if budget <= 0:
         raise ValueError(f"quantize.target_mb = {target_mb} MB is below the uncompressed part of the model "
                          f"alone ({fixed_bytes / MB:.4f} MB of parameters the rules leave in fp32)")
+    return budget, fixed_bytes
+
+
+def choose(cfg, teacher: torch.nn.Module, plan: Plan, options: dict[str, list[Option]], target_mb: float,
+           method: str | None = None):
+    """The plan meeting ``target_mb`` from precomputed options; returns (plan, Allocation, fixed bytes)."""
+    q = cfg.quantize
+    method = method or q.allocation.method
+    budget, fixed_bytes = _budget(teacher, plan, target_mb)
     try:
         chosen = (allocate_exact if method == "exact" else allocate)(options, budget)
     except ValueError as e:
@@ -166,11 +160,7 @@ def allocate_plan(cfg, teacher: torch.nn.Module, plan: Plan, executor, progress:
     if q.target_mb is None:
         raise ValueError("allocate_plan needs quantize.target_mb")
     start = time.perf_counter()
-    # fail early, before any statistics, when the budget cannot hold the fp32 part
-    fixed_mb = size_report(teacher, plan).other_bytes / MB
-    if q.target_mb <= fixed_mb:
-        raise ValueError(f"quantize.target_mb = {q.target_mb} MB is below the uncompressed part of the model "
-                         f"alone ({fixed_mb:.4f} MB of parameters the rules leave in fp32)")
+    _budget(teacher, plan, q.target_mb)   # fail early, before any statistics, when only the fp32 part fits
     options, table = allocation_options(cfg, teacher, plan, executor, progress)
     new_plan, chosen, fixed_bytes = choose(cfg, teacher, plan, options, q.target_mb)
     achieved = size_report(teacher, new_plan).compressed_mb

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .adapters import make_adapter, plan_for
 from .config import PipelineConfig
 from .core.sizing import MB, size_report
-from .core.stats import HessianStats
+from .core.stats import HessianStats, memory_groups
 from .executor import Executor, SerialExecutor
 from .finetune import global_spec, layerwise_spec
 from .io import atomic_write, atomic_write_text
@@ -161,17 +161,8 @@ def hessian_fallback(layer, hessian_cfg) -> str | None:
 
 def collect_groups(layers: list[tuple], max_bytes: float) -> list[list[tuple]]:
     """Split a stage's ``(name, geometry, d, kind)`` into calibration passes so that the Hessians
-    of one pass stay within ``max_bytes`` (the small statistics all go with the first pass)."""
-    groups: list[list[tuple]] = [[]]
-    size = 0.0
-    for entry in layers:
-        b = HessianStats.bytes_for(entry[1]) if entry[3] == "hessian" else 0
-        if b and groups[-1] and size + b > max_bytes:
-            groups.append([])
-            size = 0.0
-        groups[-1].append(entry)
-        size += b
-    return groups
+    of one pass stay within ``max_bytes`` (the small statistics go with the pass they come in)."""
+    return memory_groups(layers, lambda e: HessianStats.bytes_for(e[1]) if e[3] == "hessian" else 0, max_bytes)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -269,6 +260,7 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
             stats = {}
             passes: list = []
             peak = 0       # statistics held by one worker at a time (bytes)
+            stats_bytes = 0   # returned to the driver by all shards
             if need_stats:
                 passes = collect_groups(layers, q.hessian.max_mb * MB)
                 with tqdm(total=q.n_calibration * len(passes), desc=f"collect {s}", unit="img", leave=False,
@@ -280,11 +272,10 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
                         stats.update(part)
                 atomic_write(out / "stages" / str(s) / "stats.pt",
                              lambda f: torch.save({n: st.state() for n, st in stats.items()}, f))
-                memory = sum(st.nbytes for st in stats.values())
+                stats_bytes = sum(st.nbytes for st in stats.values()) * getattr(executor, "num_shards", 1)
                 log.info("stage %d/%d statistics (%s, %d calibration pass%s): %.3f MB per worker, %.3f MB "
                          "returned to the driver", s + 1, len(plan.stages), ", ".join(sorted(set(kinds.values()))),
-                         len(passes), "" if len(passes) == 1 else "es", peak / MB,
-                         memory * getattr(executor, "num_shards", 1) / MB)
+                         len(passes), "" if len(passes) == 1 else "es", peak / MB, stats_bytes / MB)
             times["collect"] += time.perf_counter() - t
             # b. one codebook per layer
             t = time.perf_counter()
@@ -331,7 +322,6 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
             # e. checkpoint, then mark done
             save_stage(stage_file, student, names)
             manifest.mark(s, layers=names, files=[str(stage_file.relative_to(out))], bytes_shipped=shipped)
-            stats_bytes = sum(st.nbytes for st in stats.values()) * getattr(executor, "num_shards", 1)
             stage_info = {"stage": s, "layers": names, "bytes_shipped": shipped, "stats_bytes_returned": stats_bytes,
                           "stats_memory_bytes": peak, "stats_passes": len(passes),
                           "stats_kinds": sorted(set(kinds.values())),

@@ -42,14 +42,12 @@ from torch import Tensor
 
 from .kmeans import Codebook, _nearest, fit_codebook
 from .layouts import LayerGeometry, weight_matrix
+from .stats import diagonal_blocks
 
 
 def pooled_metric(hessian: Tensor, block_size: int) -> Tensor:
     """The paper's ``d x d`` metric from the full one: the mean of the diagonal blocks of ``H``."""
-    length = hessian.shape[0]
-    n_blocks = length // block_size
-    blocks = hessian.reshape(n_blocks, block_size, n_blocks, block_size).diagonal(dim1=0, dim2=2)
-    return blocks.mean(-1)
+    return diagonal_blocks(hessian, block_size).mean(0)
 
 
 def decode_matrix(centroids: Tensor, assignments: Tensor, n_rows: int) -> Tensor:
@@ -101,7 +99,7 @@ def exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: T
         return _adjoint(decode_matrix(c, assignments, n_rows) @ hessian, assignments, k)
 
     # block-Jacobi preconditioner: P_k = Σ_{(j, p) assigned to k} H_jj
-    diag_blocks = hessian.reshape(n_blocks, d, n_blocks, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    diag_blocks = diagonal_blocks(hessian, d)
     block_of = torch.arange(n_blocks, device=w.device).repeat_interleave(n_rows)
     counts = torch.zeros(k, n_blocks, dtype=torch.float64, device=w.device)
     counts.index_put_((assignments, block_of), torch.ones_like(block_of, dtype=torch.float64), accumulate=True)

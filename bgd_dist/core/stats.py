@@ -34,9 +34,68 @@ def register_stats(cls):
     return cls
 
 
+def diagonal_blocks(matrix: Tensor, block_size: int) -> Tensor:
+    """The ``d x d`` diagonal blocks of an ``L x L`` matrix, ``(L/d, d, d)`` (a view)."""
+    n_blocks = matrix.shape[0] // block_size
+    return matrix.reshape(n_blocks, block_size, n_blocks, block_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def memory_groups(items: list, nbytes, max_bytes: float) -> list[list]:
+    """Consecutive groups of ``items`` whose summed ``nbytes(item)`` stays within ``max_bytes``.
+
+    A new group starts when an item of non-zero size would overflow a non-empty
+    group, so an item larger than ``max_bytes`` gets a group of its own and
+    zero-size items stay with the group they come in.
+    """
+    groups: list[list] = []
+    size = 0.0
+    for item in items:
+        b = nbytes(item)
+        if not groups or (b and groups[-1] and size + b > max_bytes):
+            groups.append([])
+            size = 0.0
+        groups[-1].append(item)
+        size += b
+    return groups
+
+
+class _SummedMatrix:
+    """What :class:`GramStats` and :class:`HessianStats` share: a float64 matrix summed over
+    input rows (the dataclass field named by ``matrix_field``), ``n_rows`` and ``n_inputs`` counts,
+    merged by addition."""
+
+    matrix_field: ClassVar[str]
+
+    @property
+    def matrix(self) -> Tensor:
+        return getattr(self, self.matrix_field)
+
+    def merge(self, other):
+        if not isinstance(other, type(self)) or other.block_size != self.block_size \
+                or other.geometry != self.geometry:
+            raise ValueError(f"layer {self.layer!r}: cannot merge statistics of a different layer or block size")
+        return type(self)(self.geometry, self.block_size, self.matrix + other.matrix.to(self.matrix.device),
+                          self.n_rows + other.n_rows, self.n_inputs + other.n_inputs, self.layer, self.max_rows)
+
+    def check(self) -> None:
+        if self.n_rows == 0:
+            raise ValueError(f"layer {self.layer!r}: empty statistics (no calibration input reached this layer)")
+        if not torch.isfinite(self.matrix).all():
+            raise ValueError(f"layer {self.layer!r}: non-finite values in the statistics")
+
+    def state(self) -> dict:
+        return {"type": self.name, "geometry": self.geometry.to_dict(), "block_size": self.block_size,
+                self.matrix_field: self.matrix.cpu(), "n_rows": self.n_rows, "n_inputs": self.n_inputs,
+                "layer": self.layer}
+
+    @property
+    def nbytes(self) -> int:
+        return self.matrix.numel() * self.matrix.element_size()
+
+
 @register_stats
 @dataclass
-class GramStats:
+class GramStats(_SummedMatrix):
     """Pooled ``d x d`` Gram matrix of one layer's input, float64.
 
     ``gram`` is the sum over all input rows and block positions; ``n_rows`` the
@@ -45,6 +104,7 @@ class GramStats:
     """
 
     name: ClassVar[str] = "gram"
+    matrix_field: ClassVar[str] = "gram"
     geometry: LayerGeometry
     block_size: int
     gram: Tensor
@@ -74,37 +134,15 @@ class GramStats:
             self.n_rows += blocks.shape[0]
         self.gram = gram
 
-    def merge(self, other: "GramStats") -> "GramStats":
-        if not isinstance(other, GramStats) or other.block_size != self.block_size \
-                or other.geometry != self.geometry:
-            raise ValueError(f"layer {self.layer!r}: cannot merge statistics of a different layer or block size")
-        return GramStats(self.geometry, self.block_size, self.gram + other.gram.to(self.gram.device),
-                         self.n_rows + other.n_rows, self.n_inputs + other.n_inputs, self.layer, self.max_rows)
-
     def metric(self) -> Tensor:
         """The d x d metric: the Gram matrix normalised by the number of rows."""
         self.check()
         return self.gram / self.n_rows
 
-    def check(self) -> None:
-        if self.n_rows == 0:
-            raise ValueError(f"layer {self.layer!r}: empty statistics (no calibration input reached this layer)")
-        if not torch.isfinite(self.gram).all():
-            raise ValueError(f"layer {self.layer!r}: non-finite values in the statistics")
-
-    def state(self) -> dict:
-        return {"type": self.name, "geometry": self.geometry.to_dict(), "block_size": self.block_size,
-                "gram": self.gram.cpu(), "n_rows": self.n_rows, "n_inputs": self.n_inputs,
-                "layer": self.layer}
-
-    @property
-    def nbytes(self) -> int:
-        return self.gram.numel() * self.gram.element_size()
-
 
 @register_stats
 @dataclass
-class HessianStats:
+class HessianStats(_SummedMatrix):
     """Full ``L x L`` second moment of one layer's input rows (``L`` = row length), float64.
 
     ``hessian`` is ``Σ x xᵀ`` over every input row ``x`` (an im2col column of
@@ -120,6 +158,7 @@ class HessianStats:
     """
 
     name: ClassVar[str] = "hessian"
+    matrix_field: ClassVar[str] = "hessian"
     geometry: LayerGeometry
     block_size: int
     hessian: Tensor
@@ -161,13 +200,6 @@ class HessianStats:
             self.n_rows += rows.shape[0] * n_blocks
         self.hessian = hessian
 
-    def merge(self, other: "HessianStats") -> "HessianStats":
-        if not isinstance(other, HessianStats) or other.block_size != self.block_size \
-                or other.geometry != self.geometry:
-            raise ValueError(f"layer {self.layer!r}: cannot merge statistics of a different layer or block size")
-        return HessianStats(self.geometry, self.block_size, self.hessian + other.hessian.to(self.hessian.device),
-                            self.n_rows + other.n_rows, self.n_inputs + other.n_inputs, self.layer, self.max_rows)
-
     def metric(self) -> Tensor:
         """``E[x xᵀ]``: the ``L x L`` Hessian normalised by the number of input rows."""
         self.check()
@@ -176,26 +208,8 @@ class HessianStats:
     def pooled(self) -> GramStats:
         """The paper's statistics (:class:`GramStats`) of the same inputs: the sum of the
         ``d x d`` diagonal blocks of ``H`` (exactly what ``GramStats.update`` accumulates)."""
-        d = self.block_size
-        n_blocks = self.geometry.row_length // d
-        blocks = self.hessian.reshape(n_blocks, d, n_blocks, d).diagonal(dim1=0, dim2=2)  # (d, d, n_blocks)
-        return GramStats(self.geometry, d, blocks.sum(-1).clone(), self.n_rows, self.n_inputs, self.layer,
-                         self.max_rows)
-
-    def check(self) -> None:
-        if self.n_inputs == 0:
-            raise ValueError(f"layer {self.layer!r}: empty statistics (no calibration input reached this layer)")
-        if not torch.isfinite(self.hessian).all():
-            raise ValueError(f"layer {self.layer!r}: non-finite values in the statistics")
-
-    def state(self) -> dict:
-        return {"type": self.name, "geometry": self.geometry.to_dict(), "block_size": self.block_size,
-                "hessian": self.hessian.cpu(), "n_rows": self.n_rows, "n_inputs": self.n_inputs,
-                "layer": self.layer}
-
-    @property
-    def nbytes(self) -> int:
-        return self.hessian.numel() * self.hessian.element_size()
+        gram = diagonal_blocks(self.hessian, self.block_size).sum(0)
+        return GramStats(self.geometry, self.block_size, gram, self.n_rows, self.n_inputs, self.layer, self.max_rows)
 
 
 @register_stats
