@@ -95,19 +95,24 @@ def exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: T
 
 def _exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: Tensor, steps: int = 20,
                     tol: float = 1e-10, wh: Tensor | None = None, total: float | None = None,
-                    stall: float = 0.0) -> tuple[Tensor, float | None]:
+                    stall: float = 0.0, h_apply: Tensor | None = None) -> tuple[Tensor, float | None]:
     """:func:`exact_codebook`, plus: ``wh`` = ``w @ hessian`` when already known (the right-hand
     side needs no product then); with ``total`` = ``tr(W H Wᵀ)`` given, the objective
     ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` of the result is returned as well, at no cost
     (``total - bᵀx - rᵀx`` from CG's residual ``r = b - Ax``), and CG stops once a step lowers
-    it by less than ``stall`` times its value (0: never)."""
+    it by less than ``stall`` times its value (0: never). ``h_apply``: ``H`` in the precision the
+    products ``Ŵ H`` run in (e.g. float32: half the time of the float64 product; CG's
+    iterates, residual and objective stay float64)."""
     k, d = centroids.shape
     n_rows, length = w.shape
     n_blocks = length // d
     x = centroids.to(torch.float64).clone()
 
+    h_mul = hessian if h_apply is None else h_apply
+
     def apply(c: Tensor) -> Tensor:
-        return _adjoint(decode_matrix(c, assignments, n_rows) @ hessian, assignments, k)
+        return _adjoint((decode_matrix(c, assignments, n_rows).to(h_mul.dtype) @ h_mul).to(torch.float64),
+                        assignments, k)
 
     def value(r: Tensor) -> float | None:
         return None if total is None else max(0.0, total - float((b * x).sum()) - float((r * x).sum()))
@@ -198,21 +203,23 @@ def error_feedback_assign(w: Tensor, centroids: Tensor, upper: Tensor, lazy: int
     ``(U_jjᵀ U_jj)⁻¹`` (the loss of quantizing it when the later columns are
     re-optimised), and the later columns absorb the error. Updates to columns
     beyond the current ``lazy``-column window are applied once per window.
+    The pass runs in ``upper``'s dtype (float32 is what GPTQ uses, and half the time).
     Returns block-major assignments (n_blocks * n_rows,).
     """
     n_rows, length = w.shape
     d = centroids.shape[1]
     n_blocks = length // d
-    c = centroids.to(torch.float64)
+    dtype = upper.dtype
+    c = centroids.to(dtype)
     if factors is None:
         factors = block_factors(upper, d)
     local = factors @ factors.transpose(1, 2)                            # (n_blocks, d, d): (U_jjᵀ U_jj)⁻¹
-    w = w.clone()
+    w = w.to(dtype, copy=True)
     out = torch.empty(n_blocks, n_rows, dtype=torch.long, device=w.device)
     window = max(1, lazy // d) * d
     for w0 in range(0, length, window):
         w1 = min(length, w0 + window)
-        errors = torch.empty(n_rows, w1 - w0, dtype=torch.float64, device=w.device)
+        errors = torch.empty(n_rows, w1 - w0, dtype=dtype, device=w.device)
         for s in range(w0, w1, d):
             e = s + d
             j = s // d
@@ -261,6 +268,8 @@ def fit_codebook_hessian(
     """
     if rounds < 0 or cg_steps < 0:
         raise ValueError(f"layer {name!r}: rounds and cg_steps must be >= 0, got {rounds}, {cg_steps}")
+    if stall < 0:
+        raise ValueError(f"layer {name!r}: stall must be >= 0, got {stall}")
     if not damp > 0:
         raise ValueError(f"layer {name!r}: damp must be > 0, got {damp}")
     if geometry.groups != 1:
@@ -281,31 +290,31 @@ def fit_codebook_hessian(
                         seed, name, refine)
     w = weight_matrix(weight.detach(), geometry).to(torch.float64)
     n_rows = w.shape[0]
-    total = output_error(w, torch.zeros_like(w), h)
+    wh = w @ h                                    # once per layer: every right-hand side
+    total = float((w * wh).sum())                 # tr(W H Wᵀ)
     if total <= 0:
         # the layer's output is zero on every input (zero weights, or weights only where H has no
         # variance): nothing to improve on the paper's codebook
         return Codebook(base.centroids, base.assignments, (0.0, 0.0), base.n_empty_repaired)
-
-    if stall < 0:
-        raise ValueError(f"layer {name!r}: stall must be >= 0, got {stall}")
-    wh = w @ h                                    # once per layer: every right-hand side
+    h32 = h.float()                               # the CG products: float32 GEMMs
     best_c, best_a = base.centroids.to(torch.float64), base.assignments
     best = output_error(w, decode_matrix(best_c, best_a, n_rows), h) / total
     history = [best]
-    c, value = _exact_codebook(w, h, best_c, best_a, cg_steps, wh=wh, total=total, stall=stall)
+    c, value = _exact_codebook(w, h, best_c, best_a, cg_steps, wh=wh, total=total, stall=stall,
+                                       h_apply=h32)
     value /= total
     if value < best:
         best, best_c = value, c
     history.append(best)
     if rounds:
-        upper = damped_inverse_cholesky(h, damp)
+        upper = damped_inverse_cholesky(h32, damp)     # float32, as GPTQ
         factors = block_factors(upper, block_size)
         current = best_c
         for _ in range(rounds):
             before = best
             a = error_feedback_assign(w, current, upper, factors=factors)
-            current, value = _exact_codebook(w, h, current, a, cg_steps, wh=wh, total=total, stall=stall)
+            current, value = _exact_codebook(w, h, current, a, cg_steps, wh=wh, total=total, stall=stall,
+                                       h_apply=h32)
             value /= total
             if value < best:
                 best, best_c, best_a = value, current, a
