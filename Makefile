@@ -28,6 +28,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/distributed.py
 	$(PY) -m benchmarks.objective --end
 	$(PY) -m benchmarks.budget
+	$(PY) -m benchmarks.kmeans_limit
+	$(PY) -m benchmarks.hessian_speed
+	$(PY) -m benchmarks.distill_step
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
+from bgd_dist.core import kmeans
 from bgd_dist.core.kmeans import (
-    _EXACT_BELOW,
     _argmin_rows,
     _distinct_rows,
     _hartigan_moves,
@@ -401,15 +401,14 @@ def test_distinct_rows_counts_like_unique_and_treats_signed_zeros_as_equal():
 
 
 @pytest.mark.parametrize("refine", ["hartigan", "lloyd"])
-def test_objective_kept_from_cluster_sums_matches_the_residuals(refine):
-    # above _EXACT_BELOW weights the per-iteration objective comes from the cluster sums kept
-    # through E-step moves, Hartigan moves and repairs; the last value of a shorter fit (same
-    # seed, same path) is computed from the residuals
-    geometry = LayerGeometry("conv2d", (128, 64, 3, 3))
-    assert geometry.n_weights > _EXACT_BELOW
-    weight, metric = _weight(geometry, seed=6), _gram(9, 6)
-    long = fit_codebook(weight, geometry, metric, 256, 9, n_iter=8, seed=2, refine=refine).objective
+def test_objective_kept_from_cluster_sums_matches_the_residuals(refine, monkeypatch):
+    # above _EXACT_BELOW weights (here: always) the per-iteration objective comes from the cluster
+    # sums kept through E-step moves, Hartigan moves and repairs; the last value of a shorter fit
+    # (same seed, same path) is computed from the residuals
+    monkeypatch.setattr(kmeans, "_EXACT_BELOW", 0)
+    weight, metric = _weight(seed=6), _gram(9, 6)
+    long = fit_codebook(weight, CONV, metric, 32, 9, n_iter=8, seed=2, refine=refine).objective
     for t in (1, 4, 8):
-        short = fit_codebook(weight, geometry, metric, 256, 9, n_iter=t, seed=2, refine=refine).objective
+        short = fit_codebook(weight, CONV, metric, 32, 9, n_iter=t, seed=2, refine=refine).objective
         assert short[:-1] == long[:t]
         assert short[-1] == pytest.approx(long[t], rel=1e-10, abs=1e-14)
