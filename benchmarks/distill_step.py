@@ -30,6 +30,7 @@ Usage::
 
     python -m benchmarks.distill_step                       # batch 32, 224 px: a few minutes on 2 cores
     python -m benchmarks.distill_step --batch 8 --size 160  # smoke run
+    python -m benchmarks.distill_step --decode-only         # what decoding adds to every student forward
 """
 
 from __future__ import annotations
@@ -129,6 +130,23 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
+def decode_cost(model: nn.Module, device, repeats: int = 3) -> dict:
+    """Time of decoding every quantized layer's weight once (what each forward of the student adds)."""
+    layers = pq_layers(model)
+    n = sum(m.assignments.numel() * m.block_size for m in layers.values())
+
+    def decode_all():
+        with torch.no_grad():
+            for m in layers.values():
+                m.weight
+
+    times = [timed(decode_all, device) for _ in range(repeats)]
+    t = statistics.median(times)
+    print(f"distill_step decode of all {len(layers)} quantized layers ({n / 1e6:.1f}M weights, {device}, "
+          f"{torch.get_num_threads()} threads): {t:.2f} s per forward (median of {repeats})", flush=True)
+    return {"decode_s": t, "n_layers": len(layers), "n_weights": n}
+
+
 def main(args: argparse.Namespace) -> dict:
     from torchvision.models import resnet50
 
@@ -141,6 +159,8 @@ def main(args: argparse.Namespace) -> dict:
     dense = resnet50(weights=None).to(device)
     teacher = copy.deepcopy(dense)
     quant = quantize_all(copy.deepcopy(dense).cpu(), seed=args.seed).to(device)
+    if args.decode_only:
+        return decode_cost(quant, device)
     gen = torch.Generator().manual_seed(args.seed)
     batches = [torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device)
                for _ in range(args.steps + 1)]
@@ -195,6 +215,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode-only", action="store_true", help="only time the decoding of the quantized layers")
     p.add_argument("--json", type=Path, default=None)
     return p
 
