@@ -131,6 +131,25 @@ def make_adapter(model_config, data_config: dict | None = None):
     return cls(model_config, data_config or {})
 
 
+def check_architecture(arch: dict) -> None:
+    """Fail early, naming ``model.kwargs``, when the architecture factory cannot be called with the
+    kwargs a compressed file would store: they must bind to its signature and build a model."""
+    import inspect
+
+    factory, kwargs = import_object(arch["factory"]), dict(arch.get("kwargs", {}))
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"model.kwargs {kwargs}: {e} ({arch['factory']})") from None
+    except ValueError:   # no signature to inspect (a builtin): building it below is the check
+        pass
+    try:
+        factory(**kwargs)
+    except Exception as e:
+        raise ValueError(f"model.kwargs {kwargs}: {arch['factory']} cannot build the architecture with them "
+                         f"({type(e).__name__}: {e}); the compressed file could not be loaded") from None
+
+
 def build_architecture(arch: dict) -> nn.Module:
     """The model described by ``{"factory": "module:function", "kwargs": {...}}``, without weights."""
     return import_object(arch["factory"])(**arch.get("kwargs", {}))

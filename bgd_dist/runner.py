@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import make_adapter, plan_for
+from .adapters import check_architecture, make_adapter, plan_for
 from .config import PipelineConfig
 from .core.sizing import MB, size_report
 from .core.stats import HessianStats, memory_groups
@@ -40,8 +40,9 @@ from .messages import CollectRequest, DistillResult, FitJob, FitResult, FitSetti
 from .nn.modules import get_submodule, pq_layers, quantize_
 from .objectives import Objective, resolve
 from .plan import LayerPlan, Plan
-from .rundir import (MANIFEST_VERSION, JsonlLog, Manifest, codebooks_from, load_stage,  # noqa: F401 (re-exported)
-                     load_stage_stats, run_fingerprint, save_stage, save_stage_stats, tensor_digest)
+from .rundir import (MANIFEST_VERSION, JsonlLog, Manifest, codebooks_from, fingerprinted_config,  # noqa: F401
+                     load_stage, load_stage_stats, run_fingerprint, save_stage, save_stage_stats, tensor_digest)
+from .runlock import RunDirectoryLocked, RunLock  # noqa: F401 (re-exported)
 from .seeds import Seeds
 from .student import student_state
 
@@ -109,12 +110,19 @@ class Run:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         adapter = make_adapter(cfg.model, cfg.data)
+        check_architecture(adapter.arch())   # before any work: the exported file must be loadable
         teacher = adapter.build_model()
-        manifest = Manifest.open(out / "manifest.json", run_fingerprint(cfg, teacher, adapter), resume)
+        manifest = Manifest.open(out / "manifest.json", run_fingerprint(cfg, teacher, adapter), resume,
+                                 fingerprinted_config(cfg))
         r = cls(cfg, out, adapter, teacher, manifest, JsonlLog(out / "log.jsonl"), progress,
                 seeds=Seeds(cfg.quantize.seed), report={"name": cfg.name, "stages": []})
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
-        r.planned = resume and r.plan_path.exists()
+        if resume and r.plan_path.exists():
+            problem = manifest.plan_problem(r.plan_path)
+            r.planned = problem is None
+            if problem is not None:
+                log.warning("%s; computing the plan again", problem)
+                r.log.write("plan_recomputed", reason=problem)
         r.plan = Plan.load(r.plan_path) if r.planned else plan_for(cfg, teacher, adapter)
         r.student = copy.deepcopy(teacher)
         return r
@@ -185,6 +193,7 @@ def allocate(r: Run) -> None:
         r.log.write("allocation", target_mb=q.target_mb, compressed_mb=allocation["compressed_mb"],
                     predicted_error=allocation["predicted_error"], seconds=allocation["seconds"])
     r.plan.save(r.plan_path)
+    r.manifest.record_plan(r.plan_path)
 
 
 def evaluate(executor: Executor, adapter, which: str, max_images: int | None,
@@ -200,9 +209,13 @@ def evaluate(executor: Executor, adapter, which: str, max_images: int | None,
 
 
 def evaluate_model(r: Run, which: str) -> dict:
+    """Evaluate the teacher, or the student as the exported ``model.bgd`` loads (so a file that
+    does not load can never be reported as a success)."""
     with r.timers("eval"):
         if which == "student":
-            r.ship_student()
+            from .fileformat import load_compressed
+
+            r.executor.load_student(student_state(load_compressed(r.out / "model.bgd")))
         metrics = evaluate(r.executor, r.adapter, which, r.cfg.eval.max_images, r.out / f"detections_{which}.json")
     log.info("%s: %s", which, metrics)
     r.log.write("eval", model=which, metrics=metrics)
@@ -210,11 +223,24 @@ def evaluate_model(r: Run, which: str) -> dict:
 
 
 # -- the steps of one stage ------------------------------------------------------------------------
-def replay(r: Run, st: Stage) -> None:
-    """A finished stage: swap in its saved, fine-tuned codebooks."""
-    quantize_(r.student, r.plan, codebooks_from(load_stage(st.file, st.names), st.names))
+def replay(r: Run, st: Stage) -> bool:
+    """A finished stage: swap in its saved, fine-tuned codebooks. A stage file that fails its
+    checksum or cannot be read is reported and the stage computed again (it is deterministic):
+    returns False then."""
+    problem = r.manifest.stage_problem(st.index)
+    if problem is None:
+        try:
+            saved = load_stage(st.file, st.names)
+        except ValueError as e:
+            problem = str(e)
+    if problem is not None:
+        log.warning("%s: %s; computing the stage again", st.label, problem)
+        r.log.write("stage_recomputed", stage=st.index, reason=problem)
+        return False
+    quantize_(r.student, r.plan, codebooks_from(saved, st.names))
     r.quantized_bytes += sum(size.nbytes for size in st.sizes.values())
     log.info("%s %s: replayed from %s", st.label, st.names, st.file)
+    return True
 
 
 def collect(r: Run, st: Stage) -> None:
@@ -301,8 +327,7 @@ def distill_stage(r: Run, st: Stage) -> None:
 def checkpoint(r: Run, st: Stage) -> None:
     """e. Write the stage's codebooks durably, then mark it done."""
     save_stage(st.file, r.student, st.names)
-    r.manifest.mark(st.index, layers=st.names, files=[str(st.file.relative_to(r.out))],
-                    bytes_shipped=st.bytes_shipped)
+    r.manifest.mark(st.index, files=[st.file], layers=st.names, bytes_shipped=st.bytes_shipped)
     info = {"stage": st.index, "layers": st.names, "bytes_shipped": st.bytes_shipped,
             "stats_bytes_returned": st.stats_bytes, "stats_memory_bytes": st.peak_bytes, "stats_passes": st.passes,
             "stats_kinds": sorted({o.stats for o in st.objectives.values()}),
@@ -366,7 +391,14 @@ def make_executor(cfg: PipelineConfig, kind: str | None = None, address: str | N
 
 def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = None, resume: bool = False,
         do_eval: bool = True, fail_after_stage: int | None = None, progress: bool = True) -> dict:
-    """Compress ``cfg``'s model into ``out_dir/model.bgd``; returns the report (also ``report.json``)."""
+    """Compress ``cfg``'s model into ``out_dir/model.bgd``; returns the report (also ``report.json``).
+
+    The run holds an exclusive lock on ``out_dir`` throughout (:class:`~bgd_dist.runlock.RunLock`)."""
+    with RunLock(out_dir):
+        return _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress)
+
+
+def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress) -> dict:
     r = Run.open(cfg, out_dir, resume, progress)
     own_executor = executor is None
     r.executor = executor or make_executor(cfg)
@@ -376,8 +408,7 @@ def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = No
         if do_eval:
             r.metrics_before = evaluate_model(r, "teacher")
         for st in r.stages():
-            if r.manifest.done(st.index):
-                replay(r, st)
+            if r.manifest.done(st.index) and replay(r, st):
                 continue
             collect(r, st)
             fit(r, st)
