@@ -31,11 +31,12 @@ bench: $(STAMP)
 
 # detectron2 is not on PyPI: build it from source into .venv. D2_SRC is a source directory, a
 # .tar.gz of one, or anything pip installs (default: the official git repository).
-# setuptools<81: detectron2.model_zoo imports pkg_resources.
+# setuptools: <81 because detectron2.model_zoo imports pkg_resources, >=70.1 to build wheels
+# without the wheel package (--no-build-isolation uses the environment's setuptools).
 D2_SRC ?= git+https://github.com/facebookresearch/detectron2.git
 
 detectron2: $(STAMP)
-	$(PY) -m pip install -q "setuptools<81"
+	$(PY) -m pip install -q "setuptools>=70.1,<81"
 	@set -e; src='$(D2_SRC)'; \
 	case "$$src" in \
 	  *.tar.gz|*.tgz) tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; tar xzf "$$src" -C "$$tmp"; \

@@ -34,6 +34,35 @@ def test_without_detectron2_the_adapter_says_how_to_install_it():
     assert "install" in INSTALL_HINT
 
 
+def test_child_lists_follow_swapped_children():
+    """detectron2's FPN runs layers it keeps in a plain list: after children_by_name, swapping the
+    registered child (quantization, loading a file) swaps what the forward runs."""
+    from torch import nn
+
+    from detection.detectron2_adapter import children_by_name
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+            self.layers = [self.b, self.a]          # not registered, order differs from registration
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    toy = children_by_name(Toy())
+    assert list(toy.layers) == [toy.b, toy.a] and len(toy.layers) == 2
+    toy.a = nn.Identity()
+    assert toy.layers[1] is toy.a and toy.layers[-1:] == [toy.a]
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(toy(x), toy.b(x))
+    twin = copy.deepcopy(toy)
+    assert twin.layers[0] is twin.b and twin.layers[0] is not toy.b
+    assert set(twin.state_dict()) == {"b.weight", "b.bias"}
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     from detection.shapes import make_shapes
@@ -271,7 +300,9 @@ def test_detectron2_end_to_end_on_ray(shapes, ray_cluster, tmp_path):
     report = run(cfg, tmp_path, progress=False)
     after = report["metrics_after"]
     assert after["n_images"] == 3 and after["n_detections"] > 0
-    assert len(report["stages"]) >= 5
+    assert len(report["stages"]) >= 5 and all(s["loss_start"] is not None for s in report["stages"])  # layer-wise
+    events = {e["event"]: e for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())}
+    assert events["global"]["iterations"] == 1                                                   # global
     loaded = load_compressed(tmp_path / "model.bgd")
     assert "backbone.fpn_output2" in {n for n, m in loaded.named_modules() if hasattr(m, "centroids")}
     adapter = make_adapter(cfg.model, cfg.data)
