@@ -6,7 +6,7 @@ Built with detectron2's documented API: the model-zoo config
 images in 0-255 resized to the test size (``{"image", "height", "width"}``),
 outputs ``Instances`` converted to the torchvision-style dicts the COCO
 evaluator reads. detectron2 is imported only when this adapter is used (it is
-not on PyPI; see its installation guide).
+not on PyPI: ``make detectron2`` builds it from source).
 
 detectron2 keeps some layers in plain Python lists besides registering them
 (the FPN's ``lateral_convs`` / ``output_convs``, which its forward iterates):
@@ -46,8 +46,9 @@ from .adapter import MaskRCNNAdapter, MaskRCNNOutputs, _images
 from .coco import category_mapping
 
 DEFAULT_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
-INSTALL_HINT = ("detectron2 is not installed; it is not on PyPI: install it from source following "
-                "https://detectron2.readthedocs.io/en/latest/tutorials/install.html")
+INSTALL_HINT = ("detectron2 is not installed; it is not on PyPI: build it from source with `make detectron2`, "
+                "or pip install 'setuptools>=70.1,<81' and then pip install --no-build-isolation "
+                "'git+https://github.com/facebookresearch/detectron2.git'")
 
 PAPER_RULES = [
     {"match": r"backbone\.bottom_up\.stem\.conv1\.conv|proposal_generator\.rpn_head\.objectness_logits|"
