@@ -123,6 +123,25 @@ def test_detectron2_plan_reaches_every_head(d2):
 
 
 @needs_detectron2
+def test_paper_allocation_on_detectron2_matches_bgd_size():
+    """pipelines/maskrcnn_r50_fpn_detectron2.yaml: the figures the README puts next to torchvision's."""
+    from bgd_dist.adapters import build_architecture, make_adapter, plan_for
+    from bgd_dist.config import load_pipeline
+    from bgd_dist.core.sizing import size_report
+
+    small = "model.kwargs={min_size_test: 64, max_size_test: 64}"     # the trace only; sizes do not depend on it
+    cfg = load_pipeline("pipelines/maskrcnn_r50_fpn_detectron2.yaml", [small, "data.example_size=64"])
+    adapter = make_adapter(cfg.model, cfg.data)
+    model = build_architecture(adapter.arch())
+    plan = plan_for(cfg, model, adapter)
+    assert all(l.traced for l in plan.layers)
+    report = size_report(model, plan)
+    assert report.uncompressed_mb == pytest.approx(169.16, abs=0.005)
+    assert report.compressed_mb == pytest.approx(6.42, abs=0.005)
+    assert plan.layer("roi_heads.box_predictor.cls_score").geometry.weight_shape == (81, 1024)
+
+
+@needs_detectron2
 def test_detectron2_forward_keeps_what_the_loss_needs_and_the_loss_is_zero_on_the_teacher(d2):
     cfg, adapter, teacher, plan = d2
     batch = next(adapter.calibration_batches(0, 1, 2, 2, seed=0))
