@@ -401,7 +401,10 @@ def fit_codebook(
     objective is bounded with their old centroids): the objective decreases by
     the sum of the gains. The moved clusters get their new means at once.
 
-    The objective is evaluated in float64 with explicit ``(w-c)ᵀG(w-c)``; an
+    The objective is evaluated in float64: from the residuals ``(w-c)ᵀG(w-c)`` for
+    small layers and for the returned codebook, otherwise from the cluster sums
+    ``Σ wᵀGw - 2 Σ_k s_kᵀGc_k + Σ_k n_k c_kᵀGc_k`` (``s_k`` the float64 sum of the
+    members, kept up to date by every move; the M-step mean is ``s_k / n_k``); an
     E-step assignment only changes when the new centroid is strictly closer
     under that exact distance, Hartigan gains are computed in float64 with the
     exact means (and a round whose result, after rounding the new means to the
