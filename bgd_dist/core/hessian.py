@@ -95,24 +95,20 @@ def exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: T
 
 def _exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: Tensor, steps: int = 20,
                     tol: float = 1e-10, wh: Tensor | None = None, total: float | None = None,
-                    stall: float = 0.0, h_apply: Tensor | None = None) -> tuple[Tensor, float | None]:
+                    stall: float = 0.0) -> tuple[Tensor, float | None]:
     """:func:`exact_codebook`, plus: ``wh`` = ``w @ hessian`` when already known (the right-hand
     side needs no product then); with ``total`` = ``tr(W H Wᵀ)`` given, the objective
     ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` of the result is returned as well, at no cost
     (``total - bᵀx - rᵀx`` from CG's residual ``r = b - Ax``), and CG stops once a step lowers
-    it by less than ``stall`` times its value (0: never). ``h_apply``: ``H`` in the precision the
-    products ``Ŵ H`` run in (e.g. float32: half the time of the float64 product; CG's
-    iterates, residual and objective stay float64)."""
+    it by less than ``stall`` times its value (0: never). The products stay float64: with a
+    singular ``H``, float32 products let the iterates drift along its null space."""
     k, d = centroids.shape
     n_rows, length = w.shape
     n_blocks = length // d
     x = centroids.to(torch.float64).clone()
 
-    h_mul = hessian if h_apply is None else h_apply
-
     def apply(c: Tensor) -> Tensor:
-        return _adjoint((decode_matrix(c, assignments, n_rows).to(h_mul.dtype) @ h_mul).to(torch.float64),
-                        assignments, k)
+        return _adjoint(decode_matrix(c, assignments, n_rows) @ hessian, assignments, k)
 
     def value(r: Tensor) -> float | None:
         return None if total is None else max(0.0, total - float((b * x).sum()) - float((r * x).sum()))
@@ -296,12 +292,11 @@ def fit_codebook_hessian(
         # the layer's output is zero on every input (zero weights, or weights only where H has no
         # variance): nothing to improve on the paper's codebook
         return Codebook(base.centroids, base.assignments, (0.0, 0.0), base.n_empty_repaired)
-    h32 = h.float()                               # the CG products: float32 GEMMs
+    h32 = h.float()                               # the GPTQ pass: float32
     best_c, best_a = base.centroids.to(torch.float64), base.assignments
     best = output_error(w, decode_matrix(best_c, best_a, n_rows), h) / total
     history = [best]
-    c, value = _exact_codebook(w, h, best_c, best_a, cg_steps, wh=wh, total=total, stall=stall,
-                                       h_apply=h32)
+    c, value = _exact_codebook(w, h, best_c, best_a, cg_steps, wh=wh, total=total, stall=stall)
     value /= total
     if value < best:
         best, best_c = value, c
@@ -313,8 +308,7 @@ def fit_codebook_hessian(
         for _ in range(rounds):
             before = best
             a = error_feedback_assign(w, current, upper, factors=factors)
-            current, value = _exact_codebook(w, h, current, a, cg_steps, wh=wh, total=total, stall=stall,
-                                       h_apply=h32)
+            current, value = _exact_codebook(w, h, current, a, cg_steps, wh=wh, total=total, stall=stall)
             value /= total
             if value < best:
                 best, best_c, best_a = value, current, a
