@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from typing import Callable
@@ -47,11 +48,21 @@ class _StatsWorker(Worker):
         return os.getpid()
 
     def distill_reporting(self, spec: PhaseSpec, rank: int, world: int, state: PhaseState | None, stop: int,
-                          board=None) -> PhaseState:
-        """``distill`` with the steps reported to the driver's progress board (rank 0)."""
+                          board=None, die_at: int | None = None) -> PhaseState:
+        """``distill`` with the steps reported to the driver's progress board (rank 0). ``die_at``
+        (tests): this actor's process SIGKILLs itself after that step."""
         from .progress import reporter
 
-        return self.distill(spec, rank, world, state, stop, reporter(board, stop) if board is not None else None)
+        report = reporter(board, stop) if board is not None else None
+        if die_at is not None:
+            def progress(step, loss, report=report):
+                if report is not None:
+                    report(step, loss)
+                if step >= die_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            progress = report
+        return self.distill(spec, rank, world, state, stop, progress)
 
 
 StatsWorker = ray.remote(_StatsWorker)
@@ -77,6 +88,8 @@ class RayExecutor(Executor):
         self.fault_injection: Callable[[list], None] | None = None  # tests: called before the calls are submitted
         # tests: called with (phase, step, actors) whenever rank 0 reports a new distillation step
         self.distill_fault: Callable[[str, int, list], None] | None = None
+        # tests: (phase, step, actor index): that actor's process SIGKILLs itself after that step, once
+        self.kill_actor_at: tuple[str, int, int] | None = None
         self._board = None
         self._distill_key = None
         self._distill_restarts = 0
@@ -236,7 +249,13 @@ class RayExecutor(Executor):
             self._ensure_group()
             world = len(self.actors)
             ray.get(board.reset.remote())
-            refs = {a.distill_reporting.remote(spec, rank, world, state, stop, board if rank == 0 else None): rank
+            die = [None] * world
+            if self.kill_actor_at is not None and self.kill_actor_at[0] == spec.name \
+                    and start < self.kill_actor_at[1] < stop:
+                die[self.kill_actor_at[2]] = self.kill_actor_at[1]
+                self.kill_actor_at = None
+            refs = {a.distill_reporting.remote(spec, rank, world, state, stop, board if rank == 0 else None,
+                                               die[rank]): rank
                     for rank, a in enumerate(self.actors)}
             results, dead, failed, seen = self._wait_distill(refs, spec, progress)
             if not dead:
