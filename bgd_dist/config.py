@@ -208,18 +208,53 @@ class QuantizeConfig:
                 raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
 
 
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
+def scaled_lr(lr: float, batch_size: int, reference_batch: int | None, scaling: str) -> float:
+    """The learning rate for ``batch_size`` when ``lr`` was set for ``reference_batch`` images per
+    step: ``lr * batch / reference`` (linear, the default), ``lr * sqrt(batch / reference)``, or
+    ``lr`` itself (``none``, or no reference batch)."""
+    if reference_batch is None or scaling == "none":
+        return lr
+    ratio = batch_size / reference_batch
+    return lr * (ratio if scaling == "linear" else ratio ** 0.5)
+
+
+class _PhaseConfig:
+    """What both distillation phases share: the learning-rate rule and its checks.
+
+    ``lr`` is the learning rate at ``lr_reference_batch`` images per step (the paper's 0.05 and
+    0.01 are for 128); another ``batch_size`` scales it by ``lr_scaling``. Without a reference
+    batch ``lr`` is used as given."""
+
+    def __post_init__(self):
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"lr_scaling: unknown rule {self.lr_scaling!r}; expected one of {LR_SCALINGS}")
+        if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
+            raise ValueError(f"lr_reference_batch: must be >= 1, got {self.lr_reference_batch}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+    @property
+    def effective_lr(self) -> float:
+        return scaled_lr(self.lr, self.batch_size, self.lr_reference_batch, self.lr_scaling)
+
+
 @dataclass(frozen=True)
-class LayerwiseConfig:
+class LayerwiseConfig(_PhaseConfig):
     enabled: bool = True
     iterations: int = 2500
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int = 128
+    lr_reference_batch: int | None = None
+    lr_scaling: str = "linear"
 
 
 @dataclass(frozen=True)
-class GlobalConfig:
+class GlobalConfig(_PhaseConfig):
     enabled: bool = True
     epochs: int = 9
     iterations_per_epoch: int = 10000
@@ -229,6 +264,8 @@ class GlobalConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int = 128
+    lr_reference_batch: int | None = None
+    lr_scaling: str = "linear"
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class PhaseSpec:
 
 
 def layerwise_spec(cfg, layers, seed: int = 0) -> PhaseSpec:
-    return PhaseSpec("layerwise", cfg.iterations, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size,
+    return PhaseSpec("layerwise", cfg.iterations, cfg.effective_lr, cfg.momentum, cfg.weight_decay, cfg.batch_size,
                      train_mode=False, layers=tuple(layers), seed=seed)
 
 
@@ -43,7 +43,7 @@ def global_spec(cfg, seed: int = 0) -> PhaseSpec:
     total = cfg.epochs * cfg.iterations_per_epoch
     step = cfg.lr_step_epochs * cfg.iterations_per_epoch
     milestones = tuple(range(step, total, step)) if step > 0 else ()
-    return PhaseSpec("global", total, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, milestones,
+    return PhaseSpec("global", total, cfg.effective_lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, milestones,
                      cfg.lr_gamma, train_mode=True, layers=None, seed=seed)
 
 

@@ -261,7 +261,8 @@ def make_stats(kind: str, geometry: LayerGeometry, block_size: int, layer: str =
 def stats_from_state(state: dict):
     state = dict(state)
     cls = STATS_TYPES[state.pop("type")]
-    state["geometry"] = LayerGeometry.from_dict(state["geometry"])
+    if state.get("geometry") is not None:
+        state["geometry"] = LayerGeometry.from_dict(state["geometry"])
     return cls(**state)
 
 
@@ -273,3 +274,73 @@ def merge_all(parts: list):
     for p in parts[1:]:
         out = out.merge(p)
     return out
+
+
+@register_stats
+@dataclass
+class ChannelMoments:
+    """Per-channel sums of a tensor's values and squares over every position but the channel
+    (dimension 1), float64; additive over images like the matrices above. Collected on the
+    inputs of BatchNorm layers to re-estimate their running statistics."""
+
+    name: ClassVar[str] = "channel_moments"
+    geometry: None
+    block_size: int
+    sums: Tensor
+    squares: Tensor
+    count: int = 0
+    layer: str = "<layer>"
+
+    @classmethod
+    def empty(cls, geometry=None, block_size: int = 1, layer: str = "<layer>",
+              device: torch.device | str | None = None, **_) -> "ChannelMoments":
+        zeros = torch.zeros(0, dtype=torch.float64, device=device)
+        return cls(None, block_size, zeros, zeros.clone(), 0, layer)
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"layer {self.layer!r}: channel moments need a (N, C, ...) input, got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"layer {self.layer!r}: non-finite values in the layer input")
+        values = x.transpose(0, 1).reshape(x.shape[1], -1).to(torch.float64)
+        if self.count == 0:
+            self.sums = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self.squares = torch.zeros_like(self.sums)
+        elif values.shape[0] != self.sums.shape[0]:
+            raise ValueError(f"layer {self.layer!r}: {values.shape[0]} channels, expected {self.sums.shape[0]}")
+        self.sums = self.sums.to(x.device) + values.sum(1)
+        self.squares = self.squares.to(x.device) + (values * values).sum(1)
+        self.count += values.shape[1]
+
+    def merge(self, other: "ChannelMoments") -> "ChannelMoments":
+        if not isinstance(other, ChannelMoments):
+            raise ValueError(f"layer {self.layer!r}: cannot merge statistics of a different type")
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        if other.sums.shape != self.sums.shape:
+            raise ValueError(f"layer {self.layer!r}: cannot merge moments of {other.sums.numel()} and "
+                             f"{self.sums.numel()} channels")
+        return ChannelMoments(None, self.block_size, self.sums + other.sums.to(self.sums.device),
+                              self.squares + other.squares.to(self.sums.device), self.count + other.count,
+                              self.layer)
+
+    def check(self) -> None:
+        if self.count == 0:
+            raise ValueError(f"layer {self.layer!r}: empty statistics (no calibration input reached this layer)")
+
+    def mean_var(self) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and (biased) variance, float64."""
+        self.check()
+        mean = self.sums / self.count
+        return mean, (self.squares / self.count - mean * mean).clamp_min(0.0)
+
+    def state(self) -> dict:
+        return {"type": self.name, "geometry": None, "block_size": self.block_size, "sums": self.sums.cpu(),
+                "squares": self.squares.cpu(), "count": self.count, "layer": self.layer}
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.sums.numel() * self.sums.element_size()
