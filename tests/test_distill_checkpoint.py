@@ -115,3 +115,38 @@ def test_run_phase_resumes_from_its_checkpoint_and_logs_losses(setup, tmp_path):
     for k, v in _bits(straight).items():
         assert torch.equal(v, _bits(resumed)[k]), k
     json.dumps(events)   # plain data for log.jsonl
+
+
+class _Tty:
+    """A terminal-like stream that records what a bar writes."""
+
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_bars_draw_on_a_terminal_and_stay_silent_in_a_redirected_log():
+    from bgd_dist.progress import bar
+
+    for tty in (True, False):
+        stream = _Tty(tty)
+        with bar(10, "global", "step", file=stream) as b:
+            b.update(4)
+        assert ("4/10" in stream.text) == tty and ("" == stream.text) != tty
+
+
+def test_the_serial_executor_reports_every_step_to_the_bar(setup):
+    cfg, plan, student, ex = setup
+    spec = _spec(plan, "layerwise")
+    ex.load_student(student_state(student))
+    seen = []
+    state = ex.distill(spec, None, 5, progress=lambda step, loss: seen.append((step, loss)))
+    assert [s for s, _ in seen] == [1, 2, 3, 4, 5] and [l for _, l in seen] == state.losses
