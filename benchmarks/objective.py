@@ -34,14 +34,17 @@ import torch
 
 from bgd_dist.adapters import make_adapter, plan_for
 from bgd_dist.config import load_pipeline
-from bgd_dist.core.hessian import fit_codebook_hessian, pooled_metric, relative_output_error
-from bgd_dist.core.kmeans import fit_codebook
+from bgd_dist.core.hessian import pooled_metric, relative_output_error
 from bgd_dist.core.sizing import MB
 from bgd_dist.core.stats import HessianStats
+from bgd_dist.messages import FitJob, FitSettings
 from bgd_dist.nn.modules import get_submodule
+from bgd_dist.objectives import NAMES, objective as objective_of
+from bgd_dist.worker import run_fit
 
 ROOT = Path(__file__).resolve().parents[1]
-OBJECTIVES = ("weights", "paper", "hessian")
+OBJECTIVES = ("weights", "paper", "hessian")   # the order of the printed table
+assert set(OBJECTIVES) == set(NAMES)
 TARGET_REDUCTION = 0.25     # hessian >= 25% lower than paper, size-weighted
 TARGET_SHARE = 0.90         # ... and lower on >= 90% of the layers
 
@@ -86,14 +89,11 @@ def fit_all(teacher, plan, cfg, fit_stats, held_stats, log_each=True) -> list[di
         seed = q.seed + l.order
         for objective in OBJECTIVES:
             t = time.perf_counter()
-            if objective == "hessian":
-                cb = fit_codebook_hessian(w, l.geometry, h_fit, l.n_centroids, l.block_size, q.n_iter, q.init,
-                                          seed, l.name, q.refine, q.hessian.rounds, q.hessian.damp,
-                                          q.hessian.cg_steps)
-            else:
-                metric = None if objective == "weights" else pooled_metric(h_fit, l.block_size)
-                cb = fit_codebook(w, l.geometry, metric, l.n_centroids, l.block_size, q.n_iter, q.init, seed,
-                                  l.name, q.refine)
+            # the metric each objective's statistics give, all derived from the same H
+            stats = objective_of(objective).stats
+            metric = h_fit if stats == "hessian" else pooled_metric(h_fit, l.block_size) if stats == "gram" else None
+            cb = run_fit(FitJob(l.name, w, l.geometry, metric, l.n_centroids, l.block_size, seed, objective,
+                                FitSettings.of(q))).codebook
             row[f"{objective}_seconds"] = time.perf_counter() - t
             decoded = cb.decode(l.geometry, l.name).half().float()       # the file stores fp16 centroids
             row[objective] = relative_output_error(w, decoded, l.geometry, h_held)

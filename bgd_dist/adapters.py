@@ -7,7 +7,9 @@ and it is imported here, at run time.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from pathlib import Path
 from typing import Any, Iterator, Protocol, runtime_checkable
 
 from torch import Tensor, nn
@@ -29,6 +31,15 @@ class Evaluator(Protocol):
     def state(self) -> Any: ...
     def merge(self, states: list) -> None: ...
     def result(self) -> dict: ...
+    def write_results(self, path: str | Path) -> Path | None: ...
+
+
+class EvaluatorBase:
+    """The default of the evaluator's optional hook: ``write_results(path)`` writes the merged
+    predictions to ``path`` (the COCO evaluator writes a results json) or nothing (None)."""
+
+    def write_results(self, path: str | Path) -> Path | None:
+        return None
 
 
 @runtime_checkable
@@ -43,14 +54,24 @@ class Adapter(Protocol):
     - ``calibration_batches(shard, n_shards, n_images, batch_size, seed)``:
       unlabelled batches of this shard; shards are disjoint and their union is
       the ``n_images`` calibration images.
-    - ``train_batches(shard, n_shards, batch_size, seed)``: an endless stream of
-      unlabelled, augmented batches of this shard (for distillation).
+    - ``train_batches(shard, n_shards, batch_size, seed, start_step=0)``: an endless
+      stream of unlabelled, augmented batches of this shard (for distillation),
+      from global step ``start_step`` on; step ``k``'s batch depends only on
+      ``(seed, k)`` (and the shard), so a resumed phase continues exactly.
     - ``to_device(batch, device)``, ``batch_len(batch)``.
     - ``forward(model, batch)``: what statistics collection runs and distillation
       compares (network outputs, or whatever the loss needs).
     - ``predict(model, batch)``: what the evaluator receives (eval mode).
     - ``distill_loss(student_out, teacher_out)``: scalar loss.
     - ``evaluator()`` and ``eval_batches(shard, n_shards, max_images)``.
+    - ``set_train_mode(model, train)``: the mode the student distils in (the global
+      phase trains BN statistics); default ``model.train(train)``.
+    - ``data_fingerprint()``: what identifies the data for ``--resume`` (JSON-able);
+      default the resolved data section.
+
+    Which items (and augmentation seeds) a shard of each stream gets is
+    :mod:`bgd_dist.sharding`'s rule; an adapter maps them to batches.
+    :class:`AdapterBase` provides the defaults of the last two hooks.
     """
 
     def build_model(self) -> nn.Module: ...
@@ -58,7 +79,8 @@ class Adapter(Protocol):
     def trace(self, model: nn.Module) -> Any: ...
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
                             seed: int) -> Iterator[Any]: ...
-    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int) -> Iterator[Any]: ...
+    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int,
+                      start_step: int = 0) -> Iterator[Any]: ...
     def to_device(self, batch: Any, device) -> Any: ...
     def batch_len(self, batch: Any) -> int: ...
     def forward(self, model: nn.Module, batch: Any) -> Any: ...
@@ -66,6 +88,22 @@ class Adapter(Protocol):
     def distill_loss(self, student_out: Any, teacher_out: Any) -> Tensor: ...
     def evaluator(self) -> Evaluator: ...
     def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[Any]: ...
+    def set_train_mode(self, model: nn.Module, train: bool) -> None: ...
+    def data_fingerprint(self) -> Any: ...
+
+
+class AdapterBase:
+    """Defaults of the adapter's optional hooks (see :class:`Adapter`)."""
+
+    data: Any = None
+
+    def set_train_mode(self, model: nn.Module, train: bool) -> None:
+        model.train(train)
+
+    def data_fingerprint(self) -> Any:
+        from .config import to_mapping
+
+        return to_mapping(self.data) if dataclasses.is_dataclass(self.data) else self.data
 
 
 def import_object(path: str):
@@ -91,6 +129,25 @@ def make_adapter(model_config, data_config: dict | None = None):
     """The adapter named by ``model_config.adapter``, built from the model and data sections."""
     cls = adapter_class(model_config.adapter)
     return cls(model_config, data_config or {})
+
+
+def check_architecture(arch: dict) -> None:
+    """Fail early, naming ``model.kwargs``, when the architecture factory cannot be called with the
+    kwargs a compressed file would store: they must bind to its signature and build a model."""
+    import inspect
+
+    factory, kwargs = import_object(arch["factory"]), dict(arch.get("kwargs", {}))
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"model.kwargs {kwargs}: {e} ({arch['factory']})") from None
+    except ValueError:   # no signature to inspect (a builtin): building it below is the check
+        pass
+    try:
+        factory(**kwargs)
+    except Exception as e:
+        raise ValueError(f"model.kwargs {kwargs}: {arch['factory']} cannot build the architecture with them "
+                         f"({type(e).__name__}: {e}); the compressed file could not be loaded") from None
 
 
 def build_architecture(arch: dict) -> nn.Module:

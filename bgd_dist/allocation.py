@@ -40,15 +40,18 @@ from .core.kmeans import clamp_n_centroids
 from .core.sizing import MB, size_report
 from .core.stats import HessianStats, memory_groups
 from .nn.modules import get_submodule
+from .objectives import objective
 from .plan import Plan
+from .seeds import Seeds
 from .student import student_state
-from .worker import FitJob
+from .messages import CollectRequest, FitJob, FitSettings, LayerRequest
 
 log = logging.getLogger("bgd.allocation")
 
 
-def _full_statistics(layer, max_bytes: float) -> bool:
-    return layer.geometry.groups == 1 and HessianStats.bytes_for(layer.geometry) <= max_bytes
+def _full_statistics(layer, hessian_cfg) -> bool:
+    """Whether the layer's full input Hessian can be collected (the hessian objective's condition)."""
+    return objective("hessian").unavailable(layer, hessian_cfg) is None
 
 
 def candidates_of(layer, cfg) -> list[tuple[int, int]]:
@@ -70,12 +73,13 @@ def allocation_options(cfg, teacher: torch.nn.Module, plan: Plan, executor,
     q = cfg.quantize
     layers = plan.quantized
     max_bytes = q.hessian.max_mb * MB
-    small = [l for l in layers if _full_statistics(l, max_bytes)]
-    large = [l for l in layers if not _full_statistics(l, max_bytes)]
+    small = [l for l in layers if _full_statistics(l, q.hessian)]
+    large = [l for l in layers if not _full_statistics(l, q.hessian)]
     n_images = q.allocation.n_calibration or q.n_calibration
     executor.load_student(student_state(teacher))
     options: dict[str, list[Option]] = {}
     table: dict[str, list[dict]] = {}
+    settings = FitSettings.of(q, n_iter=q.allocation.n_iter)
     bar = tqdm(total=len(layers), desc="allocate", unit="layer", disable=not progress)
     passes = [(g, True) for g in memory_groups(small, lambda l: HessianStats.bytes_for(l.geometry), max_bytes)]
     if large:
@@ -84,9 +88,11 @@ def allocation_options(cfg, teacher: torch.nn.Module, plan: Plan, executor,
         candidates = {l.name: candidates_of(l, cfg) for l in group}
         # full: the L x L Hessian; otherwise the pooled Gram at the lcm of the candidate block sizes,
         # from which the pooled Gram of every candidate d follows (the mean of its diagonal blocks)
-        request = [(l.name, l.geometry, l.block_size if full else math.lcm(*{d for d, _ in candidates[l.name]}),
-                    "hessian" if full else "gram") for l in group]
-        stats = executor.collect(request, n_images, q.batch_size, q.seed * 1000 + 777)
+        request = CollectRequest([LayerRequest(l.name, l.geometry, l.block_size if full else
+                                               math.lcm(*{d for d, _ in candidates[l.name]}),
+                                               "hessian" if full else "gram") for l in group],
+                                 n_images, q.batch_size, Seeds(q.seed).allocation())
+        stats = executor.collect(request).stats
         metrics = {}
         for l in group:
             stats[l.name].check()
@@ -98,10 +104,10 @@ def allocation_options(cfg, teacher: torch.nn.Module, plan: Plan, executor,
                 job_name = f"{l.name}[d={d},K={k}]"
                 keys[job_name] = (l, d, k)
                 jobs.append(FitJob(job_name, weights[l.name], l.geometry, pooled_metric(metrics[l.name], d), k, d,
-                                   q.allocation.n_iter, q.init, q.seed + l.order, q.refine))
+                                   seed=Seeds(q.seed).fit(l), objective="paper", settings=settings))
         fitted = executor.fit(jobs)
         for job_name, (l, d, k) in keys.items():
-            cb, seconds = fitted[job_name]
+            cb, seconds = fitted[job_name].codebook, fitted[job_name].seconds
             if full:   # the exact relative output error
                 error = relative_output_error(weights[l.name], cb.decode(l.geometry, l.name), l.geometry,
                                               metrics[l.name])

@@ -194,6 +194,8 @@ def format_report(report: dict) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from .objectives import NAMES as OBJECTIVE_NAMES
+
     parser = argparse.ArgumentParser(prog="bgd", description="Activation-aware product quantization on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,7 +215,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-layerwise", action="store_true", help="no layer-wise distillation")
     p.add_argument("--skip-global", action="store_true", help="no global distillation")
     p.add_argument("--weights-only", action="store_true", help="weights-only objective (classic PQ baseline)")
-    p.add_argument("--objective", choices=["paper", "weights", "hessian"],
+    p.add_argument("--objective", choices=list(OBJECTIVE_NAMES),
                    help="the default objective of every layer (rules may still set their own)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation before and after")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from .plan import OBJECTIVES, Rule
+from .objectives import NAMES as OBJECTIVES
+from .plan import Rule
 
 MISSING = "???"
 

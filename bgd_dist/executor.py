@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Callable
 
 from .core.stats import merge_all, stats_from_state
-from .finetune import PhaseSpec
-from .worker import FitJob, Worker, run_fit
+from .finetune import PhaseSpec, PhaseState, combine
+from .messages import CollectRequest, CollectResult, FitJob, FitResult, ShardStats
+from .worker import Worker, run_fit
 
 
 def payload_nbytes(payload: dict) -> int:
@@ -30,16 +31,24 @@ class Executor:
         """Make every worker's student equal to ``payload``; returns the bytes shipped."""
         raise NotImplementedError
 
-    def collect(self, layers: list, n_images: int, batch_size: int, seed: int,
-                progress: Callable[[int], None] | None = None) -> dict:
-        """Merged statistics ``{name: stats}`` of ``layers`` over the calibration shards."""
+    def collect(self, request: CollectRequest, progress: Callable[[int], None] | None = None) -> CollectResult:
+        """The requested statistics over the calibration shards, merged in shard order
+        (``progress(n_images)`` after each shard)."""
         raise NotImplementedError
 
-    def fit(self, jobs: list[FitJob], progress: Callable[[str, object, float], None] | None = None) -> dict:
-        """``{name: (Codebook, seconds)}`` for every job."""
+    def fit(self, jobs: list[FitJob], progress: Callable[[FitResult], None] | None = None) -> dict[str, FitResult]:
+        """``{name: FitResult}`` for every job, in the jobs' order (``progress`` after each fit)."""
         raise NotImplementedError
 
-    def distill(self, spec: PhaseSpec) -> dict:
+    #: how many workers share a distillation phase (the BN buffer sets a phase checkpoint holds)
+    distill_world: int = 1
+
+    def distill(self, spec: PhaseSpec, state: PhaseState | None = None, stop: int | None = None,
+                progress: Callable[[int, float], None] | None = None,
+                on_event: Callable[..., None] | None = None) -> PhaseState:
+        """Steps ``state.step`` (0 without a state) to ``stop`` (the end) of a distillation phase on
+        the workers' students: the state after ``stop`` (losses averaged over the workers).
+        ``progress(step, loss)`` as the workers go; ``on_event(name, **fields)`` for recoveries."""
         raise NotImplementedError
 
     def load_compressed(self, path: str) -> None:
@@ -60,10 +69,11 @@ class Executor:
         self.close()
 
 
-def merge_shard_results(results: list[dict]) -> dict:
-    """Merge per-shard ``collect`` results (in shard order) into ``{name: stats}``."""
-    names = list(results[0]["stats"])
-    return {n: merge_all([stats_from_state(r["stats"][n]) for r in results]) for n in names}
+def merge_shard_results(results: list[ShardStats]) -> CollectResult:
+    """Merge per-shard ``collect`` results (in shard order)."""
+    names = list(results[0].states)
+    stats = {n: merge_all([stats_from_state(r.states[n]) for r in results]) for n in names}
+    return CollectResult(stats, sum(r.n_images for r in results), sum(r.seconds for r in results))
 
 
 class SerialExecutor(Executor):
@@ -82,25 +92,24 @@ class SerialExecutor(Executor):
         self.worker.load_student(payload)
         return 0
 
-    def collect(self, layers, n_images, batch_size, seed, progress=None) -> dict:
+    def collect(self, request, progress=None) -> CollectResult:
         results = []
         for shard in range(self.num_shards):
-            results.append(self.worker.collect(layers, shard, self.num_shards, n_images, batch_size, seed))
+            results.append(self.worker.collect(request, shard, self.num_shards))
             if progress:
-                progress(results[-1]["n_images"])
+                progress(results[-1].n_images)
         return merge_shard_results(results)
 
-    def fit(self, jobs, progress=None) -> dict:
+    def fit(self, jobs, progress=None) -> dict[str, FitResult]:
         out = {}
         for job in jobs:
-            codebook, seconds = run_fit(job)
-            out[job.name] = (codebook, seconds)
+            out[job.name] = run_fit(job)
             if progress:
-                progress(job.name, codebook, seconds)
+                progress(out[job.name])
         return out
 
-    def distill(self, spec: PhaseSpec) -> dict:
-        return self.worker.distill(spec, 0, 1)
+    def distill(self, spec, state=None, stop=None, progress=None, on_event=None) -> PhaseState:
+        return combine(state, [self.worker.distill(spec, 0, 1, state, stop, progress)])
 
     def load_compressed(self, path: str) -> None:
         self.worker.load_compressed(path)

@@ -48,10 +48,7 @@ def global_spec(cfg, seed: int = 0) -> PhaseSpec:
 
 
 def set_mode(model: nn.Module, adapter, train: bool) -> None:
-    if hasattr(adapter, "set_train_mode"):
-        adapter.set_train_mode(model, train)
-    else:
-        model.train(train)
+    adapter.set_train_mode(model, train)
 
 
 @dataclass

@@ -19,12 +19,12 @@ from torch import nn
 
 from .core.kmeans import clamp_n_centroids
 from .core.layouts import LayerGeometry, check_block_size, geometry_of
+from .objectives import NAMES as OBJECTIVES
 
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 QUANTIZABLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-OBJECTIVES = ("paper", "weights", "hessian")
 
 
 @dataclass(frozen=True)

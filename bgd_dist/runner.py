@@ -6,163 +6,389 @@ finished stage is written durably and only then marked done in
 ``manifest.json``; ``resume=True`` replays finished stages forward-only (their
 saved, fine-tuned codebooks are swapped in without recomputation) and
 continues with the next one.
+
+A run is a :class:`Run` (what every step reads and writes: config, run
+directory, adapter, teacher, student, plan, executor, manifest, log, timers,
+seeds) and, per stage, a :class:`Stage` that the steps below fill in turn::
+
+    for each stage:  replay  |  collect -> fit -> swap -> distill -> checkpoint
+    then:            global distillation -> export -> evaluation -> report
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from tqdm.auto import tqdm
+from torch import nn
 
-from .adapters import make_adapter, plan_for
+from .adapters import check_architecture, make_adapter, plan_for
 from .config import PipelineConfig
 from .core.sizing import MB, size_report
 from .core.stats import HessianStats, memory_groups
 from .executor import Executor, SerialExecutor
-from .finetune import global_spec, layerwise_spec
-from .io import atomic_write, atomic_write_text
+from .finetune import PhaseSpec, PhaseState, global_spec, layerwise_spec
+from .io import atomic_write_text
+from .messages import CollectRequest, FitJob, FitResult, FitSettings, LayerRequest
 from .nn.modules import get_submodule, pq_layers, quantize_
-from .plan import Plan
+from .objectives import Objective, resolve
+from .phases import checkpoint_path, run_phase
+from .plots import LossPlot
+from .progress import bar as progress_bar
+from .plan import LayerPlan, Plan
+from .rundir import (MANIFEST_VERSION, JsonlLog, Manifest, codebooks_from, fingerprinted_config,  # noqa: F401
+                     load_stage, load_stage_stats, run_fingerprint, save_stage, save_stage_stats, tensor_digest)
+from .runlock import RunDirectoryLocked, RunLock  # noqa: F401 (re-exported)
+from .seeds import Seeds
 from .student import student_state
-from .worker import FitJob
 
 log = logging.getLogger("bgd.runner")
-
-MANIFEST_VERSION = 1
 
 
 class InjectedFailure(RuntimeError):
     """Raised by ``fail_after_stage`` (tests of resume)."""
 
 
-# -- small persistent pieces ----------------------------------------------------------------------
-class JsonlLog:
-    def __init__(self, path: Path):
-        self.path = path
+class Timers:
+    """Seconds spent per phase of a run, summed over the stages."""
 
-    def write(self, event: str, **fields) -> None:
-        record = {"time": time.time(), "event": event, **fields}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+    def __init__(self, *names: str):
+        self.seconds: dict[str, float] = {n: 0.0 for n in names}
+        self.start = time.perf_counter()
 
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
-def tensor_digest(state: dict) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().cpu().contiguous()
-        h.update(k.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": time.perf_counter() - self.start}
 
 
-def run_fingerprint(cfg: PipelineConfig, teacher: torch.nn.Module, adapter) -> dict:
-    """What must be equal for ``--resume`` to continue a run: model, data and config."""
-    conf = yaml.safe_load(cfg.to_yaml())
-    conf["executor"] = {"num_workers": cfg.executor.num_workers}  # shards matter, the rest does not
-    data = adapter.data_fingerprint() if hasattr(adapter, "data_fingerprint") else cfg.data
-    digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-    return {"model": tensor_digest(teacher.state_dict()), "data": digest(data), "config": digest(conf)}
+def collect_groups(layers: list[LayerRequest], max_bytes: float) -> list[list[LayerRequest]]:
+    """Split a stage's statistics requests into calibration passes so that the Hessians of one
+    pass stay within ``max_bytes`` (the small statistics go with the pass they come in)."""
+    return memory_groups(layers, lambda l: HessianStats.bytes_for(l.geometry) if l.stats == "hessian" else 0,
+                         max_bytes)
 
 
-class Manifest:
-    def __init__(self, path: Path, fingerprint: dict):
-        self.path = path
-        self.data = {"version": MANIFEST_VERSION, "fingerprint": fingerprint, "stages": {}}
+# -- the run and its stages ------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the steps of a run share."""
+
+    cfg: PipelineConfig
+    out: Path
+    adapter: object
+    teacher: nn.Module
+    manifest: Manifest
+    log: JsonlLog
+    progress: bool = True
+    executor: Executor | None = None
+    plan: Plan | None = None
+    planned: bool = False                   # the plan was read back from plan.json (resume)
+    student: nn.Module | None = None
+    seeds: Seeds = field(default_factory=lambda: Seeds(0))
+    timers: Timers = field(default_factory=lambda: Timers("collect", "fit", "layerwise", "global", "export",
+                                                          "eval"))
+    report: dict = field(default_factory=dict)
+    quantized_bytes: float = 0.0
+    metrics_before: dict | None = None
+    metrics_after: dict | None = None
+    plot: LossPlot | None = None            # losses.png, refreshed at distillation checkpoints
 
     @classmethod
-    def open(cls, path: Path, fingerprint: dict, resume: bool) -> "Manifest":
-        m = cls(path, fingerprint)
-        if path.exists():
-            if not resume:
-                raise FileExistsError(f"{path.parent} already holds a run; pass --resume to continue it "
-                                      f"or choose another --out directory")
-            old = json.loads(path.read_text())
-            if old.get("version") != MANIFEST_VERSION:
-                raise ValueError(f"{path}: manifest version {old.get('version')} is not supported")
-            diff = [k for k in fingerprint if old["fingerprint"].get(k) != fingerprint[k]]
-            if diff:
-                raise ValueError(f"{path}: cannot resume: the {', '.join(diff)} differ(s) from the run "
-                                 f"recorded there; use a new --out directory")
-            m.data = old
-        return m
+    def open(cls, cfg: PipelineConfig, out_dir: str | Path, resume: bool, progress: bool) -> "Run":
+        """Build the teacher, check (or start) the run directory, write ``config.yaml`` and
+        compute (or, on resume, read back) the plan."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        adapter = make_adapter(cfg.model, cfg.data)
+        check_architecture(adapter.arch())   # before any work: the exported file must be loadable
+        teacher = adapter.build_model()
+        manifest = Manifest.open(out / "manifest.json", run_fingerprint(cfg, teacher, adapter), resume,
+                                 fingerprinted_config(cfg))
+        r = cls(cfg, out, adapter, teacher, manifest, JsonlLog(out / "log.jsonl"), progress,
+                seeds=Seeds(cfg.quantize.seed), report={"name": cfg.name, "stages": []})
+        atomic_write_text(out / "config.yaml", cfg.to_yaml())
+        if resume and r.plan_path.exists():
+            problem = manifest.plan_problem(r.plan_path)
+            r.planned = problem is None
+            if problem is not None:
+                log.warning("%s; computing the plan again", problem)
+                r.log.write("plan_recomputed", reason=problem)
+        r.plan = Plan.load(r.plan_path) if r.planned else plan_for(cfg, teacher, adapter)
+        r.student = copy.deepcopy(teacher)
+        r.plot = LossPlot(out)
+        return r
 
-    def done(self, stage: int) -> bool:
-        return self.data["stages"].get(str(stage), {}).get("status") == "done"
+    @property
+    def plan_path(self) -> Path:
+        return self.out / "plan.json"
 
-    def mark(self, stage: int, **info) -> None:
-        self.data["stages"][str(stage)] = {"status": "done", **info}
-        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+    @property
+    def layer_sizes(self) -> dict:
+        return {ls.name: ls for ls in size_report(self.teacher, self.plan).layers}
 
+    def stages(self):
+        sizes = self.layer_sizes
+        with progress_bar(len(self.plan.stages), "stages", "stage", self.progress) as bar:
+            for s, names in enumerate(self.plan.stages):
+                yield Stage(s, len(self.plan.stages), [self.plan.layer(n) for n in names],
+                            self.out / "stages" / str(s), {n: sizes[n] for n in names})
+                bar.update(1)
 
-def save_stage(path: Path, student: torch.nn.Module, names: list[str]) -> None:
-    layers = pq_layers(student)
-    obj = {}
-    for n in names:
-        obj[f"{n}.centroids"] = layers[n].centroids.detach().cpu().clone()
-        obj[f"{n}.assignments"] = layers[n].assignments.detach().cpu().clone()
-    atomic_write(path, lambda f: torch.save(obj, f))
+    def distill(self, spec: PhaseSpec, stage: int | None = None) -> PhaseState:
+        """A distillation phase on the workers (who hold the driver's student), in pieces of
+        ``finetune.checkpoint_every`` steps, each checkpointed, continuing from the phase's
+        checkpoint when there is one (:mod:`bgd_dist.phases`); the result is copied into the student."""
+        self.ship_student()
+        result = run_phase(self.executor, spec, checkpoint_path(self.out, spec, stage),
+                           self.cfg.finetune.checkpoint_every, self.student, self.log.write, stage=stage,
+                           show=self.progress, on_checkpoint=self.plot.refresh)
+        apply_distillation(self.student, result)
+        return result
 
-
-def load_stage_stats(path: Path) -> dict:
-    """The merged statistics a finished stage was fitted with (``stages/<k>/stats.pt``)."""
-    from .core.stats import stats_from_state
-
-    return {n: stats_from_state(st) for n, st in torch.load(path, map_location="cpu", weights_only=True).items()}
-
-
-def load_stage(path: Path, names: list[str]) -> dict:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [n for n in names if f"{n}.centroids" not in obj]
-    if missing:
-        raise ValueError(f"{path}: stage file lacks layers {missing}")
-    return obj
-
-
-def _codebooks_from(obj: dict, names: list[str]):
-    from .core.kmeans import Codebook
-
-    return {n: Codebook(obj[f"{n}.centroids"], obj[f"{n}.assignments"], ()) for n in names}
-
-
-# the statistics each objective collects, and the fit each statistics type drives
-FIT_OBJECTIVE = {"identity": "weights", "gram": "paper", "hessian": "hessian"}
+    def ship_student(self) -> int:
+        """Make every worker's student the driver's; returns the bytes shipped."""
+        return self.executor.load_student(student_state(self.student))
 
 
-def stats_kind(layer, hessian_cfg) -> str:
-    """``identity`` (weights), ``gram`` (paper) or ``hessian``; a ``hessian`` layer whose
-    L x L float64 matrix would exceed ``hessian_cfg.max_mb``, or a grouped convolution,
-    falls back to ``gram``."""
-    if layer.objective == "weights":
-        return "identity"
-    if layer.objective == "hessian":
-        return "hessian" if hessian_fallback(layer, hessian_cfg) is None else "gram"
-    return "gram"
+@dataclass
+class Stage:
+    """One stage (layers that read the same input), filled in by the steps."""
+
+    index: int
+    n_stages: int
+    layers: list[LayerPlan]
+    dir: Path
+    sizes: dict                                       # name -> LayerSize
+    objectives: dict[str, Objective] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    passes: int = 0
+    peak_bytes: int = 0            # statistics held by one worker at a time
+    stats_bytes: int = 0           # returned to the driver by all shards
+    bytes_shipped: int = 0
+    fitted: dict[str, FitResult] = field(default_factory=dict)
+    losses: list = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [l.name for l in self.layers]
+
+    @property
+    def file(self) -> Path:
+        return self.dir / "codebooks.pt"
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.index + 1}/{self.n_stages}"
 
 
-def hessian_fallback(layer, hessian_cfg) -> str | None:
-    """Why a layer cannot use its full input statistics (None: it can)."""
-    if layer.geometry.groups != 1:
-        return f"it is a grouped convolution (groups = {layer.geometry.groups}; each group sees its own inputs)"
-    mb = HessianStats.bytes_for(layer.geometry) / MB
-    if mb > hessian_cfg.max_mb:
-        return (f"its {layer.geometry.row_length}x{layer.geometry.row_length} input Hessian ({mb:.1f} MB) exceeds "
-                f"quantize.hessian.max_mb = {hessian_cfg.max_mb:g}")
-    return None
+# -- steps before the stages -----------------------------------------------------------------------
+def allocate(r: Run) -> None:
+    """``quantize.target_mb``: choose every layer's (d, K) (``allocation.json``), then save the plan.
+    A plan read back on resume is kept as it is."""
+    if r.planned:
+        return
+    q = r.cfg.quantize
+    if q.target_mb is not None:
+        from .allocation import allocate_plan
+
+        with r.timers("allocate"):
+            r.plan, allocation = allocate_plan(r.cfg, r.teacher, r.plan, r.executor, r.progress)
+        atomic_write_text(r.out / "allocation.json", json.dumps(allocation, indent=1))
+        r.log.write("allocation", target_mb=q.target_mb, compressed_mb=allocation["compressed_mb"],
+                    predicted_error=allocation["predicted_error"], seconds=allocation["seconds"])
+    r.plan.save(r.plan_path)
+    r.manifest.record_plan(r.plan_path)
 
 
-def collect_groups(layers: list[tuple], max_bytes: float) -> list[list[tuple]]:
-    """Split a stage's ``(name, geometry, d, kind)`` into calibration passes so that the Hessians
-    of one pass stay within ``max_bytes`` (the small statistics go with the pass they come in)."""
-    return memory_groups(layers, lambda e: HessianStats.bytes_for(e[1]) if e[3] == "hessian" else 0, max_bytes)
+def evaluate(executor: Executor, adapter, which: str, max_images: int | None,
+             results_path: str | Path | None = None) -> dict:
+    """Evaluate the workers' teacher or student on every shard, merge, score once; the
+    evaluator also writes its predictions to ``results_path`` if it has any to write (COCO)."""
+    evaluator = adapter.evaluator()
+    evaluator.merge(executor.evaluate(which, max_images))
+    metrics = evaluator.result()
+    if results_path is not None:
+        evaluator.write_results(results_path)
+    return metrics
+
+
+def evaluate_model(r: Run, which: str) -> dict:
+    """Evaluate the teacher, or the student as the exported ``model.bgd`` loads (so a file that
+    does not load can never be reported as a success)."""
+    with r.timers("eval"):
+        if which == "student":
+            from .fileformat import load_compressed
+
+            r.executor.load_student(student_state(load_compressed(r.out / "model.bgd")))
+        metrics = evaluate(r.executor, r.adapter, which, r.cfg.eval.max_images, r.out / f"detections_{which}.json")
+    log.info("%s: %s", which, metrics)
+    r.log.write("eval", model=which, metrics=metrics)
+    return metrics
+
+
+# -- the steps of one stage ------------------------------------------------------------------------
+def replay(r: Run, st: Stage) -> bool:
+    """A finished stage: swap in its saved, fine-tuned codebooks. A stage file that fails its
+    checksum or cannot be read is reported and the stage computed again (it is deterministic):
+    returns False then."""
+    problem = r.manifest.stage_problem(st.index)
+    if problem is None:
+        try:
+            saved = load_stage(st.file, st.names)
+        except ValueError as e:
+            problem = str(e)
+    if problem is not None:
+        log.warning("%s: %s; computing the stage again", st.label, problem)
+        r.log.write("stage_recomputed", stage=st.index, reason=problem)
+        return False
+    quantize_(r.student, r.plan, codebooks_from(saved, st.names))
+    r.quantized_bytes += sum(size.nbytes for size in st.sizes.values())
+    log.info("%s %s: replayed from %s", st.label, st.names, st.file)
+    return True
+
+
+def collect(r: Run, st: Stage) -> None:
+    """a. Statistics of the stage's layers on the current student (earlier stages quantized and
+    fine-tuned), in as many calibration passes as ``hessian.max_mb`` needs."""
+    q = r.cfg.quantize
+    with r.timers("collect"):
+        st.bytes_shipped = r.ship_student()
+        for l in st.layers:
+            st.objectives[l.name], why = resolve(l, q.hessian)
+            if why is not None:
+                fallback = st.objectives[l.name].name
+                log.warning("%s %s: %s; using the %s for this layer", st.label, l.name, why,
+                            "pooled Gram (paper objective)" if fallback == "paper" else f"{fallback} objective")
+                r.log.write(f"{l.objective}_fallback", stage=st.index, layer=l.name, reason=why)
+        requests = [LayerRequest(l.name, l.geometry, l.block_size, st.objectives[l.name].stats) for l in st.layers]
+        if not any(o.needs_calibration for o in st.objectives.values()):
+            return
+        passes = collect_groups(requests, q.hessian.max_mb * MB)
+        with progress_bar(q.n_calibration * len(passes), f"collect {st.index}", "img", r.progress,
+                          leave=False) as bar:
+            for group in passes:   # several passes only when the stage's Hessians exceed max_mb
+                part = r.executor.collect(CollectRequest(group, q.n_calibration, q.batch_size,
+                                                         r.seeds.collect(st.index)), progress=bar.update)
+                st.peak_bytes = max(st.peak_bytes, part.nbytes)
+                st.stats.update(part.stats)
+        save_stage_stats(st.dir / "stats.pt", st.stats)
+        st.passes = len(passes)
+        st.stats_bytes = sum(s.nbytes for s in st.stats.values()) * r.executor.num_shards
+        log.info("%s statistics (%s, %d calibration pass%s): %.3f MB per worker, %.3f MB returned to the driver",
+                 st.label, ", ".join(sorted({o.stats for o in st.objectives.values()})), st.passes,
+                 "" if st.passes == 1 else "es", st.peak_bytes / MB, st.stats_bytes / MB)
+
+
+def fit(r: Run, st: Stage) -> None:
+    """b. One codebook per layer (executor tasks)."""
+    q = r.cfg.quantize
+    settings = FitSettings.of(q)
+    with r.timers("fit"):
+        jobs = []
+        for l in st.layers:
+            metric = None
+            if st.objectives[l.name].needs_calibration:
+                st.stats[l.name].check()
+                metric = st.stats[l.name].metric()
+            weight = get_submodule(r.student, l.name).weight.detach().cpu()
+            jobs.append(FitJob(l.name, weight, l.geometry, metric, l.n_centroids, l.block_size,
+                               seed=r.seeds.fit(l), objective=st.objectives[l.name].name, settings=settings))
+        with progress_bar(len(jobs), f"fit {st.index}", "layer", r.progress, leave=False) as bar:
+            st.fitted = r.executor.fit(jobs, progress=lambda result: bar.update())
+
+
+def swap(r: Run, st: Stage) -> None:
+    """c. Swap the stage's layers for quantized ones."""
+    quantize_(r.student, r.plan, {n: f.codebook for n, f in st.fitted.items()})
+    for l in st.layers:
+        f, size = st.fitted[l.name], st.sizes[l.name]
+        r.quantized_bytes += size.nbytes
+        obj, name = f.codebook.objective, st.objectives[l.name].name
+        log.info("%s %s: d=%d K=%d %.3f bits/w %s objective %.4f -> %.4f fit %.2fs | quantized so far %.3f MB",
+                 st.label, l.name, l.block_size, l.n_centroids, size.bits_per_weight, name, obj[0], obj[-1],
+                 f.seconds, r.quantized_bytes / MB)
+        r.log.write("layer", stage=st.index, layer=l.name, block_size=l.block_size, n_centroids=l.n_centroids,
+                    objective=name, bits_per_weight=size.bits_per_weight, objective_start=obj[0],
+                    objective_end=obj[-1], fit_seconds=f.seconds, quantized_mb_so_far=r.quantized_bytes / MB,
+                    n_empty_repaired=f.codebook.n_empty_repaired)
+
+
+def distill_stage(r: Run, st: Stage) -> None:
+    """d. Layer-wise distillation of the stage's centroids."""
+    cfg = r.cfg.finetune.layerwise
+    if not (cfg.enabled and cfg.iterations > 0):
+        return
+    with r.timers("layerwise"):
+        result = r.distill(layerwise_spec(cfg, st.names, seed=r.seeds.layerwise(st.index)), st.index)
+    st.losses = result.losses
+    log.info("%s layer-wise distillation: %d it, loss %.4f -> %.4f", st.label, len(st.losses), st.losses[0],
+             st.losses[-1])
+
+
+def checkpoint(r: Run, st: Stage) -> None:
+    """e. Write the stage's codebooks durably, then mark it done."""
+    save_stage(st.file, r.student, st.names)
+    r.manifest.mark(st.index, files=[st.file], layers=st.names, bytes_shipped=st.bytes_shipped)
+    info = {"stage": st.index, "layers": st.names, "bytes_shipped": st.bytes_shipped,
+            "stats_bytes_returned": st.stats_bytes, "stats_memory_bytes": st.peak_bytes, "stats_passes": st.passes,
+            "stats_kinds": sorted({o.stats for o in st.objectives.values()}),
+            "loss_start": st.losses[0] if st.losses else None, "loss_end": st.losses[-1] if st.losses else None}
+    r.report["stages"].append(info)
+    r.log.write("stage", **info)
+    (st.dir / "distill.pt").unlink(missing_ok=True)   # the stage file now holds the distilled codebooks
+
+
+# -- the steps after the stages --------------------------------------------------------------------
+def global_distillation(r: Run) -> None:
+    """Distillation of every centroid together (BN statistics update)."""
+    cfg = r.cfg.finetune.global_
+    if not (cfg.enabled and cfg.epochs * cfg.iterations_per_epoch):
+        return
+    with r.timers("global"):
+        result = r.distill(global_spec(cfg, seed=r.seeds.global_()))
+    log.info("global distillation: %d it, loss %.4f -> %.4f", len(result.losses), result.losses[0],
+             result.losses[-1])
+    r.log.write("global", losses_start=result.losses[0], losses_end=result.losses[-1],
+                iterations=len(result.losses))
+
+
+def export(r: Run) -> None:
+    """``model.bgd``. The file stores fp16 centroids: the student is rounded first, so the metrics
+    measured after are the file's."""
+    from .fileformat import save_compressed
+
+    round_centroids_fp16(r.student)
+    with r.timers("export"):
+        sizes = size_report(r.student, r.plan)
+        save_compressed(r.out / "model.bgd", r.student, r.plan, r.adapter.arch(),
+                        metadata={"name": r.cfg.name, "compressed_mb": sizes.compressed_mb})
+
+
+def write_report(r: Run) -> dict:
+    uncompressed, sizes = size_report(r.teacher, r.plan), size_report(r.student, r.plan)
+    r.report.update({
+        "uncompressed_mb": uncompressed.uncompressed_mb, "compressed_mb": sizes.compressed_mb,
+        "ratio": sizes.ratio, "file_bytes": (r.out / "model.bgd").stat().st_size,
+        "metrics_before": r.metrics_before, "metrics_after": r.metrics_after,
+        "seconds": r.timers.total(),
+    })
+    atomic_write_text(r.out / "report.json", json.dumps(r.report, indent=1, default=float))
+    r.log.write("report", **r.report)
+    r.plot.refresh(force=True)
+    return r.report
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -177,214 +403,58 @@ def make_executor(cfg: PipelineConfig, kind: str | None = None, address: str | N
                        num_gpus_per_worker=e.num_gpus_per_worker, max_in_flight=e.max_fit_tasks)
 
 
-def evaluate(executor: Executor, adapter, which: str, max_images: int | None,
-             results_path: str | Path | None = None) -> dict:
-    """Evaluate the workers' teacher or student on every shard, merge, score once. An
-    evaluator with ``write_results`` (COCO) also writes its detections to ``results_path``."""
-    evaluator = adapter.evaluator()
-    evaluator.merge(executor.evaluate(which, max_images))
-    metrics = evaluator.result()
-    if results_path is not None and hasattr(evaluator, "write_results"):
-        evaluator.write_results(results_path)
-    return metrics
-
-
 def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = None, resume: bool = False,
         do_eval: bool = True, fail_after_stage: int | None = None, progress: bool = True) -> dict:
-    """Compress ``cfg``'s model into ``out_dir/model.bgd``; returns the report (also ``report.json``)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {"collect": 0.0, "fit": 0.0, "layerwise": 0.0, "global": 0.0, "export": 0.0,
-                               "eval": 0.0}
-    t_run = time.perf_counter()
-    adapter = make_adapter(cfg.model, cfg.data)
-    teacher = adapter.build_model()
-    fingerprint = run_fingerprint(cfg, teacher, adapter)
-    manifest = Manifest.open(out / "manifest.json", fingerprint, resume)
-    jlog = JsonlLog(out / "log.jsonl")
-    atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    plan_path = out / "plan.json"
-    planned = resume and plan_path.exists()
-    plan = Plan.load(plan_path) if planned else plan_for(cfg, teacher, adapter)
-    q = cfg.quantize
+    """Compress ``cfg``'s model into ``out_dir/model.bgd``; returns the report (also ``report.json``).
+
+    The run holds an exclusive lock on ``out_dir`` throughout (:class:`~bgd_dist.runlock.RunLock`)."""
+    with RunLock(out_dir):
+        return _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress)
+
+
+def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress) -> dict:
+    r = Run.open(cfg, out_dir, resume, progress)
     own_executor = executor is None
-    executor = executor or make_executor(cfg)
-    report: dict = {"name": cfg.name, "stages": []}
-    student = copy.deepcopy(teacher)
-    quantized_bytes = 0.0
+    r.executor = executor or make_executor(cfg)
     try:
-        executor.start(cfg.model, cfg.data)
-        if not planned:
-            if q.target_mb is not None:
-                from .allocation import allocate_plan
-
-                t = time.perf_counter()
-                plan, allocation = allocate_plan(cfg, teacher, plan, executor, progress)
-                times["allocate"] = time.perf_counter() - t
-                atomic_write_text(out / "allocation.json", json.dumps(allocation, indent=1))
-                jlog.write("allocation", target_mb=q.target_mb, compressed_mb=allocation["compressed_mb"],
-                           predicted_error=allocation["predicted_error"], seconds=allocation["seconds"])
-            plan.save(plan_path)
-        uncompressed = size_report(teacher, plan)
-        layer_sizes = {ls.name: ls for ls in uncompressed.layers}
-        metrics_before = None
+        r.executor.start(cfg.model, cfg.data)
+        allocate(r)
         if do_eval:
-            t = time.perf_counter()
-            metrics_before = evaluate(executor, adapter, "teacher", cfg.eval.max_images,
-                                      out / "detections_teacher.json")
-            times["eval"] += time.perf_counter() - t
-            log.info("teacher: %s", metrics_before)
-            jlog.write("eval", model="teacher", metrics=metrics_before)
-        bar = tqdm(plan.stages, desc="stages", unit="stage", disable=not progress)
-        for s, names in enumerate(bar):
-            names = list(names)
-            entries = [plan.layer(n) for n in names]
-            stage_file = out / "stages" / str(s) / "codebooks.pt"
-            if manifest.done(s):
-                quantize_(student, plan, _codebooks_from(load_stage(stage_file, names), names))
-                quantized_bytes += sum(layer_sizes[n].nbytes for n in names)
-                log.info("stage %d/%d %s: replayed from %s", s + 1, len(plan.stages), names, stage_file)
+            r.metrics_before = evaluate_model(r, "teacher")
+        for st in r.stages():
+            if r.manifest.done(st.index) and replay(r, st):
                 continue
-            # a. statistics on the current student (earlier stages quantized and fine-tuned)
-            t = time.perf_counter()
-            shipped = executor.load_student(student_state(student))
-            kinds = {l.name: stats_kind(l, q.hessian) for l in entries}
-            for l in entries:
-                if l.objective == "hessian" and kinds[l.name] != "hessian":
-                    why = hessian_fallback(l, q.hessian)
-                    log.warning("stage %d/%d %s: %s; using the pooled Gram (paper objective) for this layer",
-                                s + 1, len(plan.stages), l.name, why)
-                    jlog.write("hessian_fallback", stage=s, layer=l.name, reason=why)
-            layers = [(l.name, l.geometry, l.block_size, kinds[l.name]) for l in entries]
-            need_stats = any(kind != "identity" for *_, kind in layers)
-            stats = {}
-            passes: list = []
-            peak = 0       # statistics held by one worker at a time (bytes)
-            stats_bytes = 0   # returned to the driver by all shards
-            if need_stats:
-                passes = collect_groups(layers, q.hessian.max_mb * MB)
-                with tqdm(total=q.n_calibration * len(passes), desc=f"collect {s}", unit="img", leave=False,
-                          disable=not progress) as pbar:
-                    for group in passes:   # several passes only when the stage's Hessians exceed max_mb
-                        part = executor.collect(group, q.n_calibration, q.batch_size, q.seed * 1000 + s,
-                                                progress=pbar.update)
-                        peak = max(peak, sum(st.nbytes for st in part.values()))
-                        stats.update(part)
-                atomic_write(out / "stages" / str(s) / "stats.pt",
-                             lambda f: torch.save({n: st.state() for n, st in stats.items()}, f))
-                stats_bytes = sum(st.nbytes for st in stats.values()) * getattr(executor, "num_shards", 1)
-                log.info("stage %d/%d statistics (%s, %d calibration pass%s): %.3f MB per worker, %.3f MB "
-                         "returned to the driver", s + 1, len(plan.stages), ", ".join(sorted(set(kinds.values()))),
-                         len(passes), "" if len(passes) == 1 else "es", peak / MB, stats_bytes / MB)
-            times["collect"] += time.perf_counter() - t
-            # b. one codebook per layer
-            t = time.perf_counter()
-            jobs = []
-            for l in entries:
-                metric = None
-                if kinds[l.name] != "identity":
-                    stats[l.name].check()
-                    metric = stats[l.name].metric()
-                weight = get_submodule(student, l.name).weight.detach().cpu()
-                jobs.append(FitJob(l.name, weight, l.geometry, metric, l.n_centroids, l.block_size, q.n_iter,
-                                   q.init, q.seed + l.order, q.refine, FIT_OBJECTIVE[kinds[l.name]],
-                                   q.hessian.rounds, q.hessian.damp, q.hessian.cg_steps))
-            with tqdm(total=len(jobs), desc=f"fit {s}", unit="layer", leave=False, disable=not progress) as fbar:
-                fitted = executor.fit(jobs, progress=lambda *a: fbar.update())
-            times["fit"] += time.perf_counter() - t
-            codebooks = {n: cb for n, (cb, _) in fitted.items()}
-            # c. swap in the quantized layers
-            quantize_(student, plan, codebooks)
-            for l in entries:
-                cb, seconds = fitted[l.name]
-                quantized_bytes += layer_sizes[l.name].nbytes
-                obj = cb.objective
-                log.info("stage %d/%d %s: d=%d K=%d %.3f bits/w %s objective %.4f -> %.4f fit %.2fs | "
-                         "quantized so far %.3f MB", s + 1, len(plan.stages), l.name, l.block_size,
-                         l.n_centroids, layer_sizes[l.name].bits_per_weight, FIT_OBJECTIVE[kinds[l.name]],
-                         obj[0], obj[-1], seconds, quantized_bytes / MB)
-                jlog.write("layer", stage=s, layer=l.name, block_size=l.block_size, n_centroids=l.n_centroids,
-                           objective=FIT_OBJECTIVE[kinds[l.name]],
-                           bits_per_weight=layer_sizes[l.name].bits_per_weight, objective_start=obj[0],
-                           objective_end=obj[-1], fit_seconds=seconds, quantized_mb_so_far=quantized_bytes / MB,
-                           n_empty_repaired=cb.n_empty_repaired)
-            # d. layer-wise distillation of this stage's centroids
-            losses = []
-            if cfg.finetune.layerwise.enabled and cfg.finetune.layerwise.iterations > 0:
-                t = time.perf_counter()
-                executor.load_student(student_state(student))
-                result = executor.distill(layerwise_spec(cfg.finetune.layerwise, names, seed=q.seed * 1000 + s))
-                _apply_distill(student, result)
-                losses = result["losses"]
-                times["layerwise"] += time.perf_counter() - t
-                log.info("stage %d/%d layer-wise distillation: %d it, loss %.4f -> %.4f", s + 1, len(plan.stages),
-                         len(losses), losses[0], losses[-1])
-            # e. checkpoint, then mark done
-            save_stage(stage_file, student, names)
-            manifest.mark(s, layers=names, files=[str(stage_file.relative_to(out))], bytes_shipped=shipped)
-            stage_info = {"stage": s, "layers": names, "bytes_shipped": shipped, "stats_bytes_returned": stats_bytes,
-                          "stats_memory_bytes": peak, "stats_passes": len(passes),
-                          "stats_kinds": sorted(set(kinds.values())),
-                          "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None}
-            report["stages"].append(stage_info)
-            jlog.write("stage", **stage_info)
-            if fail_after_stage is not None and s == fail_after_stage:
-                raise InjectedFailure(f"injected failure after stage {s}")
-        # global distillation of every centroid
-        if cfg.finetune.global_.enabled and cfg.finetune.global_.epochs * cfg.finetune.global_.iterations_per_epoch:
-            t = time.perf_counter()
-            executor.load_student(student_state(student))
-            result = executor.distill(global_spec(cfg.finetune.global_, seed=q.seed * 1000 + 999))
-            _apply_distill(student, result)
-            times["global"] += time.perf_counter() - t
-            log.info("global distillation: %d it, loss %.4f -> %.4f", len(result["losses"]),
-                     result["losses"][0], result["losses"][-1])
-            jlog.write("global", losses_start=result["losses"][0], losses_end=result["losses"][-1],
-                       iterations=len(result["losses"]))
-        # export: the file stores fp16 centroids; round the student so the metrics below are the file's
-        _round_centroids_fp16(student)
-        t = time.perf_counter()
-        from .fileformat import save_compressed
-
-        sizes = size_report(student, plan)
-        save_compressed(out / "model.bgd", student, plan, adapter.arch(),
-                        metadata={"name": cfg.name, "compressed_mb": sizes.compressed_mb})
-        times["export"] += time.perf_counter() - t
-        metrics_after = None
+            collect(r, st)
+            fit(r, st)
+            swap(r, st)
+            distill_stage(r, st)
+            checkpoint(r, st)
+            if fail_after_stage is not None and st.index == fail_after_stage:
+                raise InjectedFailure(f"injected failure after stage {st.index}")
+        global_distillation(r)
+        export(r)
         if do_eval:
-            t = time.perf_counter()
-            executor.load_student(student_state(student))
-            metrics_after = evaluate(executor, adapter, "student", cfg.eval.max_images,
-                                     out / "detections_student.json")
-            times["eval"] += time.perf_counter() - t
-            log.info("student: %s", metrics_after)
-            jlog.write("eval", model="student", metrics=metrics_after)
+            r.metrics_after = evaluate_model(r, "student")
     finally:
         if own_executor:
-            executor.close()
-    report.update({
-        "uncompressed_mb": uncompressed.uncompressed_mb, "compressed_mb": sizes.compressed_mb,
-        "ratio": sizes.ratio, "file_bytes": (out / "model.bgd").stat().st_size,
-        "metrics_before": metrics_before, "metrics_after": metrics_after,
-        "seconds": {**times, "total": time.perf_counter() - t_run},
-    })
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=float))
-    jlog.write("report", **report)
-    return report
+            r.executor.close()
+    return write_report(r)
 
 
-def _round_centroids_fp16(model: torch.nn.Module) -> None:
+def round_centroids_fp16(model: nn.Module) -> None:
     with torch.no_grad():
         for layer in pq_layers(model).values():
             layer.centroids.copy_(layer.centroids.half().to(layer.centroids.dtype))
 
 
-def _apply_distill(student: torch.nn.Module, result: dict) -> None:
+def apply_distillation(student: nn.Module, result: PhaseState) -> None:
+    """Copy a distillation result's centroids (and, after the global phase, rank 0's BN buffers)
+    into the driver's student."""
     layers = pq_layers(student)
     with torch.no_grad():
-        for name, c in result["centroids"].items():
+        for name, c in result.centroids.items():
             layers[name].centroids.copy_(c)
-        if "buffers" in result:
+        if result.buffers:
             buffers = dict(student.named_buffers())
-            for k, v in result["buffers"].items():
+            for k, v in result.buffers[0].items():
                 buffers[k].copy_(v)

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapters import AdapterBase, EvaluatorBase
 from .config import from_mapping
+from .sharding import calibration_items, chunks, eval_items, train_items
 
 
 class ToyNet(nn.Module):
@@ -80,7 +82,7 @@ class ToyData:
     seed: int = 0
 
 
-class ToyAdapter:
+class ToyAdapter(AdapterBase):
     """Adapter protocol (see :mod:`bgd_dist.adapters`) over :func:`toy_convnet`."""
 
     def __init__(self, model_config, data_config: dict | None = None):
@@ -98,23 +100,18 @@ class ToyAdapter:
 
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
                             seed: int) -> Iterator[Tensor]:
-        order = torch.randperm(self.data.n_images, generator=torch.Generator().manual_seed(seed))
-        order = order[:n_images] if n_images <= self.data.n_images else \
-            torch.arange(n_images) % self.data.n_images
-        mine = order[shard::n_shards]
-        for start in range(0, len(mine), batch_size):
-            yield synthetic_images(mine[start:start + batch_size], self.data.image_size, self.data.seed)
+        idx, _ = calibration_items(self.data.n_images, shard, n_shards, n_images, seed)
+        for chunk in chunks(idx, batch_size):
+            yield synthetic_images(chunk, self.data.image_size, self.data.seed)
 
-    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int) -> Iterator[Tensor]:
-        gen = torch.Generator().manual_seed(seed * 7919 + 1)
-        while True:
-            # every worker draws the same global batch and keeps its slice: the union over
-            # workers is the same global batch whatever the number of workers
-            idx = torch.randint(self.data.n_images, (batch_size * n_shards,), generator=gen)
-            flip = torch.rand(batch_size * n_shards, generator=gen) < 0.5
+    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int,
+                      start_step: int = 0) -> Iterator[Tensor]:
+        """This shard's slice of each global batch; an image is flipped when its augmentation seed is odd."""
+        for idx, seeds in train_items(self.data.n_images, shard, n_shards, batch_size, seed, start_step):
             x = synthetic_images(idx, self.data.image_size, self.data.seed)
+            flip = (seeds % 2) == 1
             x[flip] = x[flip].flip(-1)
-            yield x[shard * batch_size:(shard + 1) * batch_size]
+            yield x
 
     def to_device(self, batch: Tensor, device) -> Tensor:
         return batch.to(device)
@@ -134,11 +131,11 @@ class ToyAdapter:
         return AgreementEvaluator(dict(self.model_config.kwargs))
 
     def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[Tensor]:
-        n = min(self.data.n_images, max_images or self.data.n_images)
-        yield from self.calibration_batches(shard, n_shards, n, 64, seed=12345)
+        for chunk in chunks(eval_items(self.data.n_images, shard, n_shards, max_images), 64):
+            yield synthetic_images(chunk, self.data.image_size, self.data.seed)
 
 
-class AgreementEvaluator:
+class AgreementEvaluator(EvaluatorBase):
     """Top-1 agreement with labels produced by the (dense) toy teacher; mergeable."""
 
     def __init__(self, teacher_kwargs: dict | None = None):

@@ -2,64 +2,38 @@
 
 Plain Python and torch: the serial executor calls it in-process, the Ray
 executor wraps it in an actor (``bgd_dist/distributed``). Everything passed in
-or returned is plain data (dicts of tensors, dataclasses).
+or returned is plain data (the dataclasses of :mod:`bgd_dist.messages`).
 """
 
 from __future__ import annotations
 
 import datetime
-import itertools
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 from .adapters import make_adapter
-from .core.hessian import fit_codebook_hessian
-from .core.kmeans import Codebook, fit_codebook
-from .core.layouts import LayerGeometry
 from .core.stats import make_stats
 from .finetune import PhaseSpec, PhaseState, distill
+from .messages import CollectRequest, FitJob, FitResult, ShardStats
 from .nn.modules import get_submodule
+from .objectives import objective
 from .student import load_student
 
-
-@dataclass(frozen=True)
-class FitJob:
-    """Everything one codebook fit needs (plain data, shipped to a Ray task)."""
-
-    name: str
-    weight: torch.Tensor
-    geometry: LayerGeometry
-    metric: torch.Tensor | None
-    n_centroids: int
-    block_size: int
-    n_iter: int
-    init: str
-    seed: int
-    refine: str = "hartigan"
-    objective: str = "paper"          # weights / paper: metric is d x d (or None); hessian: metric is L x L
-    hessian_rounds: int = 4
-    hessian_damp: float = 0.01
-    hessian_cg_steps: int = 20
+__all__ = ["FitJob", "Worker", "run_fit"]
 
 
-def run_fit(job: FitJob) -> tuple[Codebook, float]:
-    """Fit one codebook; returns it with the seconds it took. Errors name the layer."""
+def run_fit(job: FitJob) -> FitResult:
+    """Fit one codebook under the job's objective (:mod:`bgd_dist.objectives`); returns it with
+    the seconds it took. Errors name the layer."""
     start = time.perf_counter()
     try:
-        if job.objective == "hessian":
-            codebook = fit_codebook_hessian(job.weight, job.geometry, job.metric, job.n_centroids, job.block_size,
-                                            job.n_iter, job.init, job.seed, job.name, job.refine,
-                                            job.hessian_rounds, job.hessian_damp, job.hessian_cg_steps)
-        else:
-            codebook = fit_codebook(job.weight, job.geometry, job.metric, job.n_centroids, job.block_size,
-                                    job.n_iter, job.init, job.seed, job.name, job.refine)
+        codebook = objective(job.objective).fit(job)
     except Exception as e:
         raise RuntimeError(f"codebook fit failed for layer {job.name!r}: {e}") from e
-    return codebook, time.perf_counter() - start
+    return FitResult(job.name, codebook, time.perf_counter() - start)
 
 
 def _device() -> torch.device:
@@ -93,16 +67,12 @@ class Worker:
 
     # -- statistics ---------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, layers: list[tuple[str, LayerGeometry, int, str]], shard: int, n_shards: int,
-                n_images: int, batch_size: int, seed: int) -> dict:
-        """Statistics of ``layers`` (name, geometry, block size, stats kind) over this shard.
-
-        Returns ``{"stats": {name: state}, "n_images": int, "seconds": float}``.
-        """
+    def collect(self, request: CollectRequest, shard: int, n_shards: int) -> ShardStats:
+        """The statistics ``request`` asks for, over this shard of its calibration images."""
         if self.student is None:
             raise RuntimeError("collect called before load_student")
         start = time.perf_counter()
-        stats = {name: make_stats(kind, geometry, block_size, name) for name, geometry, block_size, kind in layers}
+        stats = {l.name: make_stats(l.stats, l.geometry, l.block_size, l.name) for l in request.layers}
         handles = []
         for name in stats:
             module = get_submodule(self.student, name)
@@ -110,14 +80,14 @@ class Worker:
         seen = 0
         try:
             self.student.eval()
-            for batch in self.adapter.calibration_batches(shard, n_shards, n_images, batch_size, seed):
+            for batch in self.adapter.calibration_batches(shard, n_shards, request.n_images, request.batch_size,
+                                                          request.seed):
                 self.adapter.forward(self.student, self.adapter.to_device(batch, self.device))
                 seen += self.adapter.batch_len(batch)
         finally:
             for h in handles:
                 h.remove()
-        return {"stats": {n: s.state() for n, s in stats.items()}, "n_images": seen,
-                "seconds": time.perf_counter() - start}
+        return ShardStats({n: s.state() for n, s in stats.items()}, seen, time.perf_counter() - start)
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -170,12 +140,7 @@ class Worker:
         if world > 1 and (self.world != world or self.rank != rank):
             raise RuntimeError(f"worker expected in a group of {world} as rank {rank}; call setup_group first")
         start = state.step if state is not None else 0
-        batches = train_stream(self.adapter, rank, world, spec.batch_size // world, spec.seed, start)
+        batches = self.adapter.train_batches(rank, world, spec.batch_size // world, spec.seed, start_step=start)
         device_batches = (self.adapter.to_device(b, self.device) for b in batches)
         return distill(self.student, self.teacher, self.adapter, spec, device_batches,
                        self._reduce_grads if world > 1 else None, progress, state, stop, rank)
-
-
-def train_stream(adapter, shard: int, n_shards: int, batch_size: int, seed: int, start_step: int):
-    """The adapter's training batches of one shard from step ``start_step`` on."""
-    return itertools.islice(adapter.train_batches(shard, n_shards, batch_size, seed), start_step, None)

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import transforms as T
 
+from bgd_dist.adapters import AdapterBase
 from bgd_dist.config import MISSING, from_mapping, require
+from bgd_dist.sharding import calibration_items, eval_items, train_items
 
-from .data import (IMAGENET_MEAN, IMAGENET_STD, SeededImages, batches_of, calibration_indices, eval_indices,
-                   global_batches, list_images, loader)
+from .data import IMAGENET_MEAN, IMAGENET_STD, SeededImages, batches_of, list_images, loader
 from .evaluation import TopKEvaluator
 from .models import build_classifier
 
@@ -63,7 +64,7 @@ def images_of(batch) -> Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-class ClassifierAdapter:
+class ClassifierAdapter(AdapterBase):
     """What every image classifier shares: batches are images (calibration, distillation) or
     ``(images, labels)`` (evaluation), the network returns logits, the loss is the KL
     distillation loss, the evaluator scores top-1 / top-5. Subclasses provide the models
@@ -150,18 +151,19 @@ class ClassificationAdapter(ClassifierAdapter):
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
                             seed: int) -> Iterator[Tensor]:
         dataset = self.train_set()
-        idx, seeds = calibration_indices(len(dataset), shard, n_shards, n_images, seed)
+        idx, seeds = calibration_items(len(dataset), shard, n_shards, n_images, seed)
         keys = list(zip(idx.tolist(), seeds.tolist()))
         yield from loader(dataset, batches_of(keys, batch_size), self.data.num_workers)
 
-    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int,
+                      start_step: int = 0) -> Iterator[Tensor]:
         dataset = self.train_set()
         keys = (list(zip(idx.tolist(), seeds.tolist()))
-                for idx, seeds in global_batches(len(dataset), shard, n_shards, batch_size, seed))
+                for idx, seeds in train_items(len(dataset), shard, n_shards, batch_size, seed, start_step))
         yield from loader(dataset, keys, self.data.num_workers)
 
     def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[tuple[Tensor, Tensor]]:
         dataset = self.val_set()
-        keys = eval_indices(len(dataset), shard, n_shards, max_images).tolist()
+        keys = eval_items(len(dataset), shard, n_shards, max_images).tolist()
         for images, labels in loader(dataset, batches_of(keys, self.data.eval_batch_size), self.data.num_workers):
             yield images, labels

@@ -1,6 +1,8 @@
 """Image data for classification: ImageNet-style folders, deterministic shards and augmentations.
 
-Three streams, as the adapter protocol needs them (:mod:`bgd_dist.adapters`):
+Three streams, as the adapter protocol needs them (:mod:`bgd_dist.adapters`);
+which images (and augmentation seeds) each shard gets is the engine's rule
+(:mod:`bgd_dist.sharding`):
 
 - calibration: a seeded subset of ``n_images`` training images, shard ``i`` of
   ``n`` takes every ``n``-th of them (disjoint shards, union = the subset);
@@ -25,74 +27,17 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from bgd_dist.sharding import calibration_items, eval_items, item_seed, train_items  # noqa: F401 (re-exported)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_SEED_MOD = 2 ** 62
 
 
-# -- which images, in which shard -------------------------------------------------------------------
-def item_seed(seed: int, position: int) -> int:
-    """The augmentation seed of the image at ``position`` of a stream seeded with ``seed``."""
-    return (seed * 1_000_003 + position * 7_919 + 17) % _SEED_MOD
-
-
-def calibration_indices(n_available: int, shard: int, n_shards: int, n_images: int,
-                        seed: int) -> tuple[Tensor, Tensor]:
-    """``(indices, augmentation seeds)`` of this shard's calibration images.
-
-    A seeded permutation of the ``n_available`` images, cut to ``n_images``
-    (cycled with fresh augmentations when more images are asked for than
-    exist); shard ``i`` of ``n`` takes positions ``i, i + n, ...``. Shards are
-    disjoint and their union is the ``n_images`` positions.
-    """
-    _check_shard(shard, n_shards)
-    if n_available < 1:
-        raise ValueError("no images to calibrate on")
-    order = torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))
-    positions = torch.arange(n_images)
-    indices = order[positions % n_available]
-    mine = positions[shard::n_shards]
-    seeds = torch.tensor([item_seed(seed, int(p)) for p in mine], dtype=torch.int64)
-    return indices[mine], seeds
-
-
-def global_batches(n_available: int, shard: int, n_shards: int, batch_size: int,
-                   seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless ``(indices, augmentation seeds)`` of this shard's slice of each global batch.
-
-    Every shard draws the same global batch of ``batch_size * n_shards`` indices
-    (uniform with replacement, like :class:`bgd_dist.testing.ToyAdapter`) and
-    keeps slice ``shard``: the union over shards is the same global batch
-    whatever the number of workers.
-    """
-    _check_shard(shard, n_shards)
-    if n_available < 1:
-        raise ValueError("no images to train on")
-    gen = torch.Generator().manual_seed(seed * 7_919 + 1)
-    total = batch_size * n_shards
-    while True:
-        idx = torch.randint(n_available, (total,), generator=gen)
-        seeds = torch.randint(_SEED_MOD, (total,), generator=gen)
-        part = slice(shard * batch_size, (shard + 1) * batch_size)
-        yield idx[part], seeds[part]
-
-
-def eval_indices(n_available: int, shard: int, n_shards: int, max_images: int | None) -> Tensor:
-    """This shard's evaluation images: all of them, or a fixed seeded subset of
-    ``max_images`` (kept in folder order, so every class is represented)."""
-    _check_shard(shard, n_shards)
-    if max_images is not None and max_images < n_available:
-        chosen = torch.randperm(n_available, generator=torch.Generator().manual_seed(0))[:max_images]
-        indices = chosen.sort().values
-    else:
-        indices = torch.arange(n_available)
-    return indices[shard::n_shards]
-
-
-def _check_shard(shard: int, n_shards: int) -> None:
-    if n_shards < 1 or not 0 <= shard < n_shards:
-        raise ValueError(f"shard {shard} of {n_shards} does not exist")
+# -- which images, in which shard: the engine's rule (bgd_dist.sharding) --------------------------------
+calibration_indices = calibration_items     # (n_available, shard, n_shards, n_images, seed) -> (indices, seeds)
+global_batches = train_items                # (n_available, shard, n_shards, batch_size, seed, start_step=0)
+eval_indices = eval_items                   # (n_available, shard, n_shards, max_images) -> indices
 
 
 # -- image folders ------------------------------------------------------------------------------------

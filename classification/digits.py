@@ -42,7 +42,7 @@ from bgd_dist.config import MISSING, from_mapping, require
 from bgd_dist.io import atomic_write
 
 from .adapter import ClassifierAdapter
-from .data import calibration_indices, eval_indices, global_batches, item_seed
+from bgd_dist.sharding import calibration_items, chunks, eval_items, item_seed, train_items
 from .models import load_state_dict
 
 log = logging.getLogger(__name__)
@@ -350,19 +350,19 @@ class DigitsAdapter(ClassifierAdapter):
 
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
                             seed: int) -> Iterator[Tensor]:
-        idx, seeds = calibration_indices(len(self._train_idx), shard, n_shards, n_images, seed)
-        for start in range(0, len(idx), batch_size):
-            yield self._augmented(idx[start:start + batch_size], seeds[start:start + batch_size].tolist())
+        idx, seeds = calibration_items(len(self._train_idx), shard, n_shards, n_images, seed)
+        for i, s in zip(chunks(idx, batch_size), chunks(seeds, batch_size)):
+            yield self._augmented(i, s.tolist())
 
-    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int) -> Iterator[Tensor]:
-        for idx, seeds in global_batches(len(self._train_idx), shard, n_shards, batch_size, seed):
+    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int,
+                      start_step: int = 0) -> Iterator[Tensor]:
+        for idx, seeds in train_items(len(self._train_idx), shard, n_shards, batch_size, seed, start_step):
             yield self._augmented(idx, seeds.tolist())
 
     def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[tuple[Tensor, Tensor]]:
         images, labels = digit_arrays()
-        mine = self._held_idx[eval_indices(len(self._held_idx), shard, n_shards, max_images)]
-        for start in range(0, len(mine), self.data.eval_batch_size):
-            idx = mine[start:start + self.data.eval_batch_size]
+        mine = self._held_idx[eval_items(len(self._held_idx), shard, n_shards, max_images)]
+        for idx in chunks(mine, self.data.eval_batch_size):
             yield render(images[idx], self.data.image_size), labels[idx]
 
     def heldout(self) -> tuple[Tensor, Tensor]:

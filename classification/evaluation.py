@@ -7,6 +7,8 @@ import logging
 import torch
 from torch import Tensor
 
+from bgd_dist.adapters import EvaluatorBase
+
 log = logging.getLogger(__name__)
 
 
@@ -24,7 +26,7 @@ def topk_correct(logits: Tensor, labels: Tensor, topk: tuple[int, ...]) -> dict[
     return {k: int(hit[:, :min(k, kmax)].any(1).sum()) for k in topk}
 
 
-class TopKEvaluator:
+class TopKEvaluator(EvaluatorBase):
     """Top-1 / top-5 accuracy (percent) of a classifier.
 
     ``process(batch, outputs)``: ``batch`` is ``(images, labels)``, ``outputs``

@@ -57,7 +57,9 @@ from torch import Tensor, nn
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
+from bgd_dist.adapters import AdapterBase
 from bgd_dist.config import MISSING, from_mapping, require
+from bgd_dist.sharding import calibration_items, chunks, eval_items, train_items
 
 from .coco import CocoImages, category_mapping
 from .models import build_maskrcnn
@@ -165,7 +167,7 @@ def _binary_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         - F.binary_cross_entropy_with_logits(teacher_logits, p, reduction="none")
 
 
-class MaskRCNNAdapter:
+class MaskRCNNAdapter(AdapterBase):
     """Adapter protocol (see :mod:`bgd_dist.adapters`) for torchvision Mask R-CNN models."""
 
     def __init__(self, model_config, data_config: dict | None = None):
@@ -240,28 +242,25 @@ class MaskRCNNAdapter:
 
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
                             seed: int) -> Iterator[list[Tensor]]:
-        """Unlabelled training images: a seeded choice of ``n_images`` (repeated if the set is
-        smaller), this shard's every ``n_shards``-th one."""
+        """Unlabelled training images: this shard's part of a seeded choice of ``n_images``
+        (:func:`bgd_dist.sharding.calibration_items`; cycled if the set is smaller)."""
         split = self._split("train")
-        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-        order = order[:n_images] if n_images <= len(split) else torch.arange(n_images) % len(split)
-        mine = order[shard::n_shards].tolist()
-        for start in range(0, len(mine), batch_size):
-            yield [split.load(i) for i in mine[start:start + batch_size]]
+        idx, _ = calibration_items(len(split), shard, n_shards, n_images, seed)
+        for chunk in chunks(idx.tolist(), batch_size):
+            yield [split.load(i) for i in chunk]
 
-    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int) -> Iterator[Any]:
-        """Endless augmented batches (horizontal flips). Every worker draws the same global batch
-        and keeps its slice, so the union does not depend on the number of workers. Labelled
-        (``{"images", "targets"}``) when the loss needs labels."""
+    def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int,
+                      start_step: int = 0) -> Iterator[Any]:
+        """Endless augmented batches (horizontal flips: an image is flipped when its augmentation
+        seed is odd), this shard's slice of each global batch (:func:`bgd_dist.sharding.train_items`).
+        Labelled (``{"images", "targets"}``) when the loss needs labels."""
         split = self._split("train")
         labelled = self.data.loss != "distill"
         cat_to_label = {c: l for l, c in self.label_to_category().items()} if labelled else {}
-        gen = torch.Generator().manual_seed(seed * 7919 + 1)
-        while True:
-            idx = torch.randint(len(split), (batch_size * n_shards,), generator=gen)
-            flip = (torch.rand(batch_size * n_shards, generator=gen) < 0.5) & self.data.hflip
+        for idx, seeds in train_items(len(split), shard, n_shards, batch_size, seed, start_step):
+            flip = ((seeds % 2) == 1) & self.data.hflip
             images, targets = [], []
-            for i, f in list(zip(idx.tolist(), flip.tolist()))[shard * batch_size:(shard + 1) * batch_size]:
+            for i, f in zip(idx.tolist(), flip.tolist()):
                 img = split.load(i)
                 target = split.target(i, cat_to_label) if labelled else None
                 if f:
@@ -276,14 +275,11 @@ class MaskRCNNAdapter:
             yield {"images": images, "targets": targets} if labelled else images
 
     def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[dict]:
-        """Validation images in id order (the first ``max_images``), this shard's every
-        ``n_shards``-th one: ``{"images": [...], "image_ids": [...]}``."""
+        """Validation images in id order (all, or a fixed seeded subset of ``max_images``:
+        :func:`bgd_dist.sharding.eval_items`), this shard's every ``n_shards``-th one:
+        ``{"images": [...], "image_ids": [...]}``."""
         split = self._split("val")
-        n = len(split) if max_images is None else min(len(split), max_images)
-        mine = list(range(n))[shard::n_shards]
-        bs = self.data.eval_batch_size
-        for start in range(0, len(mine), bs):
-            chunk = mine[start:start + bs]
+        for chunk in chunks(eval_items(len(split), shard, n_shards, max_images).tolist(), self.data.eval_batch_size):
             yield {"images": [split.load(i) for i in chunk], "image_ids": [split.image_id(i) for i in chunk]}
 
     def to_device(self, batch, device):

@@ -15,6 +15,8 @@ from bgd_dist.core.kmeans import fit_codebook
 from bgd_dist.core.sizing import size_report
 from bgd_dist.executor import SerialExecutor
 from bgd_dist.fileformat import save_compressed
+from bgd_dist.messages import CollectRequest, LayerRequest
+from bgd_dist.sharding import eval_items
 from bgd_dist.nn.modules import get_submodule, pq_layers, quantize_
 from bgd_dist.plan import Plan
 from bgd_dist.student import student_state
@@ -166,7 +168,10 @@ def test_data_shards_are_disjoint_and_images_only(tiny, data):
             seen += [float(x.sum()) for x in batch]
     assert len(seen) == len(set(seen)) == 10
     ids = [i for shard in range(2) for b in adapter.eval_batches(shard, 2, 5) for i in b["image_ids"]]
-    assert sorted(ids) == [1, 2, 3, 4, 5]
+    # the engine's evaluation rule (bgd_dist.sharding.eval_items): a fixed seeded subset, in id order
+    val = adapter._split("val")
+    assert sorted(ids) == [val.image_id(i) for i in eval_items(len(val), 0, 1, 5).tolist()]
+    assert len(set(ids)) == 5
     # calibration needs images only: no annotation file
     bare = make_adapter(cfg.model, {**cfg.data, "train_annotations": None})
     assert len(next(bare.calibration_batches(0, 1, 3, 3, seed=0))) == 3
@@ -222,8 +227,8 @@ def test_real_maskrcnn_r50_fpn_plan_stats_quantize_export(tmp_path, data):
     ex.load_student(student_state(teacher))
     stats = {}
     for s in (0, 1, len(plan.stages) - 1):   # first stages and conv5_mask
-        layers = [(n, plan.layer(n).geometry, plan.layer(n).block_size, "gram") for n in plan.stages[s]]
-        stats.update(ex.collect(layers, n_images=1, batch_size=1, seed=0))
+        layers = [LayerRequest(n, plan.layer(n).geometry, plan.layer(n).block_size, "gram") for n in plan.stages[s]]
+        stats.update(ex.collect(CollectRequest(layers, n_images=1, batch_size=1, seed=0)).stats)
     assert stats["roi_heads.mask_predictor.conv5_mask"].n_rows > 0
     names = list(plan.stages[0])
     codebooks = {n: fit_codebook(get_submodule(teacher, n).weight.detach(), plan.layer(n).geometry,

@@ -9,7 +9,7 @@ from bgd_dist.distributed.ray_executor import RayExecutor
 from bgd_dist.executor import SerialExecutor
 from bgd_dist.nn.modules import get_submodule
 from bgd_dist.student import student_state
-from bgd_dist.worker import FitJob
+from bgd_dist.messages import CollectRequest, FitJob, FitSettings, LayerRequest
 from detection.shapes import make_shapes
 from detection.testing import tiny_config
 
@@ -45,13 +45,14 @@ def test_ray_and_serial_give_the_same_statistics_and_codebooks(setup, executors)
     last = len(plan.stages) - 1
     fc6 = plan.layer("roi_heads.box_head.fc6").stage
     for s in (0, 2, fc6, last):   # backbone (stage 2: a conv, its downsample and an FPN lateral), box head, mask
-        layers = [(n, plan.layer(n).geometry, plan.layer(n).block_size, "gram") for n in plan.stages[s]]
+        layers = [LayerRequest(n, plan.layer(n).geometry, plan.layer(n).block_size, "gram") for n in plan.stages[s]]
         results = []
         for ex in executors:
             ex.load_student(payload)
-            stats = ex.collect(layers, 8, 2, seed=5)
+            stats = ex.collect(CollectRequest(layers, 8, 2, seed=5)).stats
             jobs = [FitJob(n, get_submodule(teacher, n).weight.detach(), plan.layer(n).geometry, stats[n].metric(),
-                           plan.layer(n).n_centroids, plan.layer(n).block_size, 6, "random", 0)
+                           plan.layer(n).n_centroids, plan.layer(n).block_size, 0,
+                           settings=FitSettings(6, "random"))
                     for n in plan.stages[s]]
             results.append((stats, ex.fit(jobs)))
         (st_r, cb_r), (st_s, cb_s) = results
@@ -59,5 +60,5 @@ def test_ray_and_serial_give_the_same_statistics_and_codebooks(setup, executors)
             assert st_r[n].gram.dtype == torch.float64
             assert st_r[n].n_rows == st_s[n].n_rows > 0
             torch.testing.assert_close(st_r[n].gram, st_s[n].gram, rtol=1e-9, atol=0)
-            assert torch.equal(cb_r[n][0].assignments, cb_s[n][0].assignments), n
-            torch.testing.assert_close(cb_r[n][0].centroids, cb_s[n][0].centroids, rtol=1e-6, atol=1e-7)
+            assert torch.equal(cb_r[n].codebook.assignments, cb_s[n].codebook.assignments), n
+            torch.testing.assert_close(cb_r[n].codebook.centroids, cb_s[n].codebook.centroids, rtol=1e-6, atol=1e-7)

@@ -255,11 +255,12 @@ def test_grouped_convolutions_are_refused_by_the_full_statistics_and_fall_back_i
         fit_codebook_hessian(torch.randn(8, 1, 3, 3), depthwise, torch.eye(9), 4, 9, 2, name="dw")
     from bgd_dist.plan import LayerPlan
     from bgd_dist.config import HessianConfig
-    from bgd_dist.runner import hessian_fallback, stats_kind
+    from bgd_dist.objectives import resolve
 
     layer = LayerPlan("dw", depthwise, False, 9, 4, 4, "hessian")
-    assert stats_kind(layer, HessianConfig()) == "gram"
-    assert "grouped convolution" in hessian_fallback(layer, HessianConfig())
+    used, why = resolve(layer, HessianConfig())
+    assert used.stats == "gram"
+    assert "grouped convolution" in why
 
 
 def test_zero_weights_and_a_zero_output_do_not_break_the_hessian_fit():
@@ -275,11 +276,13 @@ def test_zero_weights_and_a_zero_output_do_not_break_the_hessian_fit():
 
 
 def test_a_stage_whose_hessians_exceed_max_mb_is_collected_in_several_passes():
+    from bgd_dist.messages import LayerRequest
     from bgd_dist.runner import collect_groups
 
     g = LayerGeometry("conv2d", (8, 8, 3, 3))          # H = 72 x 72 x 8 bytes = 41472
-    layers = [("a", g, 9, "hessian"), ("b", g, 9, "gram"), ("c", g, 9, "hessian"), ("d", g, 9, "hessian")]
+    layers = [LayerRequest("a", g, 9, "hessian"), LayerRequest("b", g, 9, "gram"), LayerRequest("c", g, 9, "hessian"),
+              LayerRequest("d", g, 9, "hessian")]
     assert collect_groups(layers, 1e9) == [layers]
     passes = collect_groups(layers, 50000)
-    assert [[n for n, *_ in p] for p in passes] == [["a", "b"], ["c"], ["d"]]
+    assert [[l.name for l in p] for p in passes] == [["a", "b"], ["c"], ["d"]]
     assert collect_groups(layers, 10) == [[layers[0], layers[1]], [layers[2]], [layers[3]]]   # one H each at least

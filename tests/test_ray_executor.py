@@ -14,7 +14,7 @@ from bgd_dist.finetune import PhaseSpec
 from bgd_dist.nn.modules import get_submodule, quantize_
 from bgd_dist.runner import run
 from bgd_dist.student import student_state
-from bgd_dist.worker import FitJob
+from bgd_dist.messages import CollectRequest, FitJob, FitSettings, LayerRequest
 
 from toy import toy_config
 
@@ -31,12 +31,12 @@ def setup():
 
 
 def stage_layers(plan, s):
-    return [(n, plan.layer(n).geometry, plan.layer(n).block_size, "gram") for n in plan.stages[s]]
+    return [LayerRequest(n, plan.layer(n).geometry, plan.layer(n).block_size, "gram") for n in plan.stages[s]]
 
 
 def fit_jobs(plan, model, stats, s, seed=0):
     return [FitJob(n, get_submodule(model, n).weight.detach(), plan.layer(n).geometry, stats[n].metric(),
-                   plan.layer(n).n_centroids, plan.layer(n).block_size, 6, "random", seed)
+                   plan.layer(n).n_centroids, plan.layer(n).block_size, seed, settings=FitSettings(6, "random"))
             for n in plan.stages[s]]
 
 
@@ -59,15 +59,15 @@ def test_ray_and_serial_give_the_same_statistics_and_codebooks(setup, executors)
         results = []
         for ex in (ray_ex, serial):
             ex.load_student(payload)
-            stats = ex.collect(stage_layers(plan, s), 32, 8, seed=5)
+            stats = ex.collect(CollectRequest(stage_layers(plan, s), 32, 8, seed=5)).stats
             results.append((stats, ex.fit(fit_jobs(plan, teacher, stats, s))))
         (st_r, cb_r), (st_s, cb_s) = results
         for n in plan.stages[s]:
             assert st_r[n].gram.dtype == torch.float64
             torch.testing.assert_close(st_r[n].gram, st_s[n].gram, rtol=1e-9, atol=0)
             assert st_r[n].n_rows == st_s[n].n_rows > 0
-            assert torch.equal(cb_r[n][0].assignments, cb_s[n][0].assignments)
-            torch.testing.assert_close(cb_r[n][0].centroids, cb_s[n][0].centroids, rtol=1e-6, atol=1e-7)
+            assert torch.equal(cb_r[n].codebook.assignments, cb_s[n].codebook.assignments)
+            torch.testing.assert_close(cb_r[n].codebook.centroids, cb_s[n].codebook.centroids, rtol=1e-6, atol=1e-7)
 
 
 def test_a_killed_stats_actor_is_replaced_and_its_shard_counted_once(setup, executors):
@@ -75,12 +75,12 @@ def test_a_killed_stats_actor_is_replaced_and_its_shard_counted_once(setup, exec
     ray_ex, serial = executors
     payload = student_state(teacher)
     serial.load_student(payload)
-    undisturbed = serial.collect(stage_layers(plan, 0), 32, 8, seed=5)
+    undisturbed = serial.collect(CollectRequest(stage_layers(plan, 0), 32, 8, seed=5)).stats
     ray_ex.load_student(payload)
     restarts = ray_ex.restarts
     ray_ex.fault_injection = lambda actors: ray.kill(actors[0], no_restart=True)
     try:
-        disturbed = ray_ex.collect(stage_layers(plan, 0), 32, 8, seed=5)
+        disturbed = ray_ex.collect(CollectRequest(stage_layers(plan, 0), 32, 8, seed=5)).stats
     finally:
         ray_ex.fault_injection = None
     assert ray_ex.restarts == restarts + 1
@@ -108,11 +108,11 @@ def test_data_parallel_distillation_equals_one_worker_with_the_global_batch(setu
     single = one.distill(spec)
     ray_ex.load_student(payload)
     parallel = ray_ex.distill(spec)
-    assert len(parallel["losses"]) == 4
+    assert len(parallel.losses) == 4
     for n in plan.stages[1]:
-        assert not torch.equal(single["centroids"][n], payload["state"][f"{n}.centroids"])  # it trained
-        torch.testing.assert_close(parallel["centroids"][n], single["centroids"][n], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(parallel["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(single.centroids[n], payload["state"][f"{n}.centroids"])  # it trained
+        torch.testing.assert_close(parallel.centroids[n], single.centroids[n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(parallel.losses), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
 
 
 def test_a_failing_fit_task_names_the_layer(setup, executors):
@@ -121,7 +121,7 @@ def test_a_failing_fit_task_names_the_layer(setup, executors):
     n = plan.stages[0][0]
     w = get_submodule(teacher, n).weight.detach().clone()
     w.view(-1)[3] = float("inf")
-    job = FitJob(n, w, plan.layer(n).geometry, None, 8, plan.layer(n).block_size, 3, "random", 0)
+    job = FitJob(n, w, plan.layer(n).geometry, None, 8, plan.layer(n).block_size, 0, settings=FitSettings(3, "random"))
     with pytest.raises(RuntimeError, match=f"codebook fit failed for layer '{n}'.*NaN or inf"):
         ray_ex.fit([job])
 
@@ -139,14 +139,14 @@ def test_ray_and_serial_agree_on_hessian_statistics_and_fits(setup, executors):
     ray_ex, serial = executors
     names = [l.name for l in plan.quantized if l.geometry.groups == 1 and l.geometry.kind != "linear"]
     assert len(names) >= 2             # conv2 and the 1x1 shortcut (conv3 is grouped: no full statistics)
-    layers = [(n, plan.layer(n).geometry, plan.layer(n).block_size, "hessian") for n in names]
+    layers = [LayerRequest(n, plan.layer(n).geometry, plan.layer(n).block_size, "hessian") for n in names]
     results = []
     for ex in (ray_ex, serial):
         ex.load_student(student_state(teacher))
-        stats = ex.collect(layers, 32, 8, seed=5)
+        stats = ex.collect(CollectRequest(layers, 32, 8, seed=5)).stats
         jobs = [FitJob(n, get_submodule(teacher, n).weight.detach(), plan.layer(n).geometry, stats[n].metric(),
-                       plan.layer(n).n_centroids, plan.layer(n).block_size, 4, "random", 0, objective="hessian",
-                       hessian_rounds=2, hessian_cg_steps=5) for n in names]
+                       plan.layer(n).n_centroids, plan.layer(n).block_size, 0, objective="hessian",
+                       settings=FitSettings(4, "random", hessian_rounds=2, hessian_cg_steps=5)) for n in names]
         results.append((stats, ex.fit(jobs)))
     (st_r, cb_r), (st_s, cb_s) = results
     for n in names:
@@ -154,5 +154,5 @@ def test_ray_and_serial_agree_on_hessian_statistics_and_fits(setup, executors):
         assert st_r[n].hessian.shape == (length, length)
         torch.testing.assert_close(st_r[n].hessian, st_s[n].hessian, rtol=1e-9, atol=0)
         assert st_r[n].n_inputs == st_s[n].n_inputs > 0
-        assert torch.equal(cb_r[n][0].assignments, cb_s[n][0].assignments)
-        torch.testing.assert_close(cb_r[n][0].centroids, cb_s[n][0].centroids, rtol=1e-6, atol=1e-7)
+        assert torch.equal(cb_r[n].codebook.assignments, cb_s[n].codebook.assignments)
+        torch.testing.assert_close(cb_r[n].codebook.centroids, cb_s[n].codebook.centroids, rtol=1e-6, atol=1e-7)

@@ -9,6 +9,7 @@ from bgd_dist import load_compressed
 from bgd_dist.adapters import make_adapter
 from bgd_dist.config import to_mapping
 from bgd_dist.executor import SerialExecutor
+from bgd_dist.messages import CollectRequest, LayerRequest
 from bgd_dist.nn.modules import pq_layers
 from bgd_dist.plan import Plan
 from bgd_dist.runner import InjectedFailure, load_stage, load_stage_stats, run
@@ -61,19 +62,19 @@ def test_stage_statistics_come_from_the_previous_student(full_run):
     plan = Plan.load(out / "plan.json")
     stage0, stage1 = list(plan.stages[0]), list(plan.stages[1])
     recorded = load_stage_stats(out / "stages" / "1" / "stats.pt")
-    layers = [(n, plan.layer(n).geometry, plan.layer(n).block_size, "gram") for n in stage1]
+    layers = [LayerRequest(n, plan.layer(n).geometry, plan.layer(n).block_size, "gram") for n in stage1]
 
     ex = SerialExecutor(num_shards=cfg.executor.num_workers)
     ex.start(cfg.model, cfg.data)
     teacher = ex.worker.teacher
     q = cfg.quantize
     ex.load_student(student_state(teacher))
-    from_teacher = ex.collect(layers, q.n_calibration, q.batch_size, q.seed * 1000 + 1)
+    from_teacher = ex.collect(CollectRequest(layers, q.n_calibration, q.batch_size, q.seed * 1000 + 1)).stats
     # the stage-0 student as checkpointed (its centroids are fine-tuned)
     student = quantize_like(load_student(teacher, student_state(teacher)), stage0,
                             load_stage(out / "stages" / "0" / "codebooks.pt", stage0))
     ex.load_student(student_state(student))
-    from_student = ex.collect(layers, q.n_calibration, q.batch_size, q.seed * 1000 + 1)
+    from_student = ex.collect(CollectRequest(layers, q.n_calibration, q.batch_size, q.seed * 1000 + 1)).stats
     for n in stage1:
         torch.testing.assert_close(recorded[n].gram, from_student[n].gram, rtol=1e-12, atol=0)
         assert not torch.allclose(recorded[n].gram, from_teacher[n].gram, rtol=1e-6, atol=0)

@@ -31,7 +31,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..executor import Executor, merge_shard_results, payload_nbytes
 from ..finetune import PhaseSpec, PhaseState, combine
-from ..worker import FitJob, Worker, run_fit
+from ..messages import CollectRequest, CollectResult, FitJob, FitResult
+from ..worker import Worker, run_fit
 
 log = logging.getLogger(__name__)
 
@@ -175,15 +176,14 @@ class RayExecutor(Executor):
         return results
 
     # -- statistics ---------------------------------------------------------------------------
-    def collect(self, layers, n_images, batch_size, seed, progress=None) -> dict:
+    def collect(self, request: CollectRequest, progress=None) -> CollectResult:
         results = self._call_all(
-            lambda shard: self.actors[shard].collect.remote(layers, shard, self.num_shards, n_images, batch_size,
-                                                            seed),
-            on_result=(lambda r: progress(r["n_images"])) if progress else None)
+            lambda shard: self.actors[shard].collect.remote(request, shard, self.num_shards),
+            on_result=(lambda r: progress(r.n_images)) if progress else None)
         return merge_shard_results(results)
 
     # -- codebooks ----------------------------------------------------------------------------
-    def fit(self, jobs: list[FitJob], progress=None) -> dict:
+    def fit(self, jobs: list[FitJob], progress=None) -> dict[str, FitResult]:
         out, pending, queue = {}, {}, list(jobs)
         while queue or pending:
             while queue and len(pending) < self.max_in_flight:
@@ -192,15 +192,15 @@ class RayExecutor(Executor):
             ready, _ = ray.wait(list(pending), num_returns=1)
             name = pending.pop(ready[0])
             try:
-                codebook, seconds = ray.get(ready[0])
+                result = ray.get(ready[0])
             except RayTaskError as e:
                 for ref in pending:
                     ray.cancel(ref)
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 raise RuntimeError(f"codebook fit failed for layer {name!r}: {cause}") from None
-            out[name] = (codebook, seconds)
+            out[name] = result
             if progress:
-                progress(name, codebook, seconds)
+                progress(result)
         return {job.name: out[job.name] for job in jobs}
 
     def load_compressed(self, path: str) -> None:

@@ -1,0 +1,107 @@
+"""What crosses the executor boundary (driver <-> workers, Ray actors and tasks): plain,
+picklable dataclasses of tensors and numbers, nothing that relies on hooks or closures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .core.kmeans import Codebook
+from .core.layouts import LayerGeometry
+
+
+# -- statistics -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerRequest:
+    """The statistics of one layer: its geometry, the block size they are pooled at, their type
+    (``gram``, ``hessian`` or ``identity``; see :mod:`bgd_dist.objectives`)."""
+
+    name: str
+    geometry: LayerGeometry
+    block_size: int
+    stats: str
+
+
+@dataclass(frozen=True)
+class CollectRequest:
+    """Statistics of ``layers`` over ``n_images`` calibration images (split over the shards),
+    streamed through the workers' current student ``batch_size`` at a time."""
+
+    layers: tuple[LayerRequest, ...]
+    n_images: int
+    batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """One shard's statistics (``{name: stats.state()}``), as a worker returns them."""
+
+    states: dict
+    n_images: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CollectResult:
+    """The shards' statistics merged in shard order: ``{name: stats object}``."""
+
+    stats: dict
+    n_images: int
+    seconds: float          # the sum over the shards of their collection time
+
+    @property
+    def nbytes(self) -> int:
+        """What one worker holds (the statistics of every requested layer)."""
+        return sum(st.nbytes for st in self.stats.values())
+
+
+# -- codebooks --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitSettings:
+    """The k-means settings shared by every layer of a run (``quantize.*``)."""
+
+    n_iter: int = 100
+    init: str = "random"
+    refine: str = "hartigan"
+    hessian_rounds: int = 4            # the hessian objective only (quantize.hessian.*)
+    hessian_damp: float = 0.01
+    hessian_cg_steps: int = 20
+
+    @classmethod
+    def of(cls, quantize_cfg, n_iter: int | None = None) -> "FitSettings":
+        q = quantize_cfg
+        return cls(q.n_iter if n_iter is None else n_iter, q.init, q.refine, q.hessian.rounds, q.hessian.damp,
+                   q.hessian.cg_steps)
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """One codebook fit: the layer, its weight and metric (``d x d`` or None for ``paper`` and
+    ``weights``, ``L x L`` for ``hessian``), its (d, K) and seed, and the shared settings."""
+
+    name: str
+    weight: torch.Tensor
+    geometry: LayerGeometry
+    metric: torch.Tensor | None
+    n_centroids: int
+    block_size: int
+    seed: int = 0
+    objective: str = "paper"
+    settings: FitSettings = field(default_factory=FitSettings)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    name: str
+    codebook: Codebook
+    seconds: float
+
+
+# -- distillation -----------------------------------------------------------------------------------
+# A distillation phase crosses the executor boundary as bgd_dist.finetune.PhaseSpec (what to run)
+# and bgd_dist.finetune.PhaseState (where a piece of it ended: centroids, momentum, BN buffers, losses).

@@ -1,0 +1,30 @@
+"""The seeds of a run, by name: every random choice of a pipeline derives from ``quantize.seed``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Seeds:
+    base: int   # quantize.seed
+
+    def collect(self, stage: int) -> int:
+        """The calibration images (and their augmentations) of stage ``stage``."""
+        return self.base * 1000 + stage
+
+    def layerwise(self, stage: int) -> int:
+        """The training stream of stage ``stage``'s layer-wise distillation."""
+        return self.base * 1000 + stage
+
+    def global_(self) -> int:
+        """The training stream of the global distillation."""
+        return self.base * 1000 + 999
+
+    def allocation(self) -> int:
+        """The calibration images of the size allocation (``quantize.target_mb``)."""
+        return self.base * 1000 + 777
+
+    def fit(self, layer) -> int:
+        """The k-means initialisation of a layer (a plan entry)."""
+        return self.base + layer.order
