@@ -274,7 +274,7 @@ class FinetuneConfig:
     _aliases = {"global": "global_"}
     layerwise: LayerwiseConfig = LayerwiseConfig()
     global_: GlobalConfig = GlobalConfig()
-    checkpoint_every: int = 200       # distillation steps between phase checkpoints (resume, worker replacement)
+    checkpoint_every: int = 500       # distillation steps between phase checkpoints (resume, worker replacement)
 
     def __post_init__(self):
         if self.checkpoint_every < 1:

@@ -55,8 +55,9 @@ class Executor:
         """Make the compressed file at ``path`` every worker's student."""
         raise NotImplementedError
 
-    def evaluate(self, which: str, max_images: int | None) -> list:
-        """Evaluator states of every evaluation shard (``which``: teacher or student)."""
+    def evaluate(self, which: str, max_images: int | None, progress: Callable[[int], None] | None = None) -> list:
+        """Evaluator states of every evaluation shard (``which``: teacher or student);
+        ``progress(1)`` as each shard finishes."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -114,5 +115,10 @@ class SerialExecutor(Executor):
     def load_compressed(self, path: str) -> None:
         self.worker.load_compressed(path)
 
-    def evaluate(self, which, max_images) -> list:
-        return [self.worker.evaluate(which, shard, self.num_shards, max_images) for shard in range(self.num_shards)]
+    def evaluate(self, which, max_images, progress=None) -> list:
+        out = []
+        for shard in range(self.num_shards):
+            out.append(self.worker.evaluate(which, shard, self.num_shards, max_images))
+            if progress:
+                progress(1)
+        return out

@@ -140,7 +140,7 @@ def run_phase(executor, spec: PhaseSpec, path: Path, every: int, student: torch.
     pbar = PhaseBar(spec.iterations, desc or (spec.name if stage is None else f"{spec.name} {stage}"), show,
                     resumed_from)
     t0 = time.perf_counter()
-    ckpt_seconds = 0.0
+    ckpt_seconds = plot_seconds = 0.0
     step = resumed_from
 
     def on_event(name: str, **fields) -> None:
@@ -155,9 +155,11 @@ def run_phase(executor, spec: PhaseSpec, path: Path, every: int, student: torch.
             pbar.update(state.step, state.losses[-1] if state.losses else None)
             t = time.perf_counter()
             save_checkpoint(path, spec, state, digest)
-            if on_checkpoint is not None:
-                on_checkpoint()
             ckpt_seconds += time.perf_counter() - t
+            if on_checkpoint is not None:
+                t = time.perf_counter()
+                on_checkpoint()
+                plot_seconds += time.perf_counter() - t
             piece = state.losses[step:state.step]
             step = state.step
             elapsed = time.perf_counter() - t0
@@ -175,7 +177,7 @@ def run_phase(executor, spec: PhaseSpec, path: Path, every: int, student: torch.
     losses = state.losses
     event("phase_end", phase=spec.name, stage=stage, iterations=len(losses), resumed_from=resumed_from,
           loss_start=losses[0] if losses else None, loss_end=losses[-1] if losses else None, seconds=seconds,
-          checkpoint_seconds=ckpt_seconds)
+          checkpoint_seconds=ckpt_seconds, plot_seconds=plot_seconds)
     return state
 
 

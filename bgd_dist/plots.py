@@ -3,7 +3,7 @@
 Three panels: the layer-wise distillation loss of every stage, the global
 distillation loss, and each layer's objective after its codebook fit relative to
 the start of the fit. Written at the end of a run and refreshed at checkpoints
-(at most every ``min_interval_s``). matplotlib (Agg backend) is imported lazily.
+(at most every ``min_interval_s``, 2 minutes by default). matplotlib (Agg backend) is imported lazily.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class LossPlot:
     """Refresh ``losses.png`` at most every ``min_interval_s`` (or when forced); a plot that
     fails is logged, never fatal."""
 
-    def __init__(self, run_dir: str | Path, min_interval_s: float = 30.0):
+    def __init__(self, run_dir: str | Path, min_interval_s: float = 120.0):
         self.run_dir = Path(run_dir)
         self.min_interval_s = min_interval_s
         self._last = 0.0

@@ -214,11 +214,12 @@ def allocate(r: Run) -> None:
 
 
 def evaluate(executor: Executor, adapter, which: str, max_images: int | None,
-             results_path: str | Path | None = None) -> dict:
+             results_path: str | Path | None = None, progress: bool = False) -> dict:
     """Evaluate the workers' teacher or student on every shard, merge, score once; the
     evaluator also writes its predictions to ``results_path`` if it has any to write (COCO)."""
     evaluator = adapter.evaluator()
-    evaluator.merge(executor.evaluate(which, max_images))
+    with progress_bar(executor.num_shards, f"eval {which}", "shard", progress) as bar:
+        evaluator.merge(executor.evaluate(which, max_images, progress=bar.update))
     metrics = evaluator.result()
     if results_path is not None:
         evaluator.write_results(results_path)
@@ -233,7 +234,8 @@ def evaluate_model(r: Run, which: str) -> dict:
             from .fileformat import load_compressed
 
             r.executor.load_student(student_state(load_compressed(r.out / "model.bgd")))
-        metrics = evaluate(r.executor, r.adapter, which, r.cfg.eval.max_images, r.out / f"detections_{which}.json")
+        metrics = evaluate(r.executor, r.adapter, which, r.cfg.eval.max_images, r.out / f"detections_{which}.json",
+                           r.progress)
     log.info("%s: %s", which, metrics)
     r.log.write("eval", model=which, metrics=metrics)
     return metrics

@@ -208,9 +208,10 @@ class RayExecutor(Executor):
         self._call_all(lambda i: self.actors[i].load_compressed.remote(path))
 
     # -- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, which, max_images) -> list:
+    def evaluate(self, which, max_images, progress=None) -> list:
         n = len(self.actors)
-        return self._call_all(lambda i: self.actors[i].evaluate.remote(which, i, n, max_images))
+        return self._call_all(lambda i: self.actors[i].evaluate.remote(which, i, n, max_images),
+                              on_result=(lambda r: progress(1)) if progress else None)
 
     # -- distillation -------------------------------------------------------------------------
     @property
@@ -245,6 +246,7 @@ class RayExecutor(Executor):
         if self._distill_key != key:
             self._distill_key, self._distill_restarts = key, 0
         board = self._progress_board()
+        state_ref = ray.put(state)   # once for every actor
         while True:
             self._ensure_group()
             world = len(self.actors)
@@ -254,7 +256,7 @@ class RayExecutor(Executor):
                     and start < self.kill_actor_at[1] < stop:
                 die[self.kill_actor_at[2]] = self.kill_actor_at[1]
                 self.kill_actor_at = None
-            refs = {a.distill_reporting.remote(spec, rank, world, state, stop, board if rank == 0 else None,
+            refs = {a.distill_reporting.remote(spec, rank, world, state_ref, stop, board if rank == 0 else None,
                                                die[rank]): rank
                     for rank, a in enumerate(self.actors)}
             results, dead, failed, seen = self._wait_distill(refs, spec, progress)
