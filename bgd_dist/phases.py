@@ -128,9 +128,9 @@ def run_phase(executor, spec: PhaseSpec, path: Path, every: int, student: torch.
     """
     event = event or (lambda *a, **k: None)
     every = max(1, int(every))
-    world = getattr(executor, "num_workers", None) or getattr(executor, "num_shards", 1)
+    world = executor.distill_world
     digest = start_digest(student, spec)
-    state = load_checkpoint(path, spec, digest, _distill_world(executor))
+    state = load_checkpoint(path, spec, digest, world)
     resumed_from = state.step if state is not None else 0
     if state is not None:
         log.info("%s distillation%s: resuming from the checkpoint at step %d/%d (%s)", spec.name,
@@ -179,8 +179,3 @@ def run_phase(executor, spec: PhaseSpec, path: Path, every: int, student: torch.
           loss_start=losses[0] if losses else None, loss_end=losses[-1] if losses else None, seconds=seconds,
           checkpoint_seconds=ckpt_seconds, plot_seconds=plot_seconds)
     return state
-
-
-def _distill_world(executor) -> int:
-    """How many workers share the phase (the number of BN buffer sets in a checkpoint)."""
-    return int(getattr(executor, "distill_world", 1))
