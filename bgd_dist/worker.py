@@ -51,6 +51,7 @@ class Worker:
         self.teacher = self.adapter.build_model().to(self.device).eval()
         self.student: nn.Module | None = None
         self.rank, self.world = 0, 1
+        self._stream = None   # (phase key, next step, iterator) of the distillation stream in progress
 
     def ping(self) -> bool:
         return True
@@ -140,7 +141,18 @@ class Worker:
         if world > 1 and (self.world != world or self.rank != rank):
             raise RuntimeError(f"worker expected in a group of {world} as rank {rank}; call setup_group first")
         start = state.step if state is not None else 0
-        batches = self.adapter.train_batches(rank, world, spec.batch_size // world, spec.seed, start_step=start)
+        stop = spec.iterations if stop is None else min(stop, spec.iterations)
+        # the training stream continues from the previous piece when it ended where this one starts
+        # (no loader restart per checkpoint); otherwise it starts at ``start`` (same batches either way)
+        key = (spec.name, spec.layers, spec.seed, spec.batch_size, rank, world)
+        if self._stream is not None and self._stream[:2] == (key, start):
+            batches = self._stream[2]
+        else:
+            batches = iter(self.adapter.train_batches(rank, world, spec.batch_size // world, spec.seed,
+                                                      start_step=start))
+        self._stream = None   # a piece that fails leaves the stream at an unknown step
         device_batches = (self.adapter.to_device(b, self.device) for b in batches)
-        return distill(self.student, self.teacher, self.adapter, spec, device_batches,
-                       self._reduce_grads if world > 1 else None, progress, state, stop, rank)
+        result = distill(self.student, self.teacher, self.adapter, spec, device_batches,
+                         self._reduce_grads if world > 1 else None, progress, state, stop, rank)
+        self._stream = (key, stop, batches) if stop < spec.iterations else None
+        return result
