@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=10, help="finetune.checkpoint_every")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--resnet50-only", action="store_true", help="only (d), the ResNet-50 checkpoint cost")
+    p.add_argument("--overhead-only", action="store_true", help="only (c) and (d)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.resnet50_only:
@@ -142,7 +143,7 @@ def main() -> None:
               f"= {100 * t_write / t_ck:.2f} % of the phases ({1000 * t_write / n_ck:.1f} ms each), losses.png "
               f"{t_plot:.2f} s; same bytes as the reference: {same_bytes(ref, one)}", flush=True)
         # (b) one actor SIGKILLed mid-phase; the run recovers by itself
-        for phase, at in (("layerwise", every + every // 2), ("global", every * 2 + every // 2)):
+        for phase, at in [] if args.overhead_only else (("layerwise", every + every // 2), ("global", every * 2 + every // 2)):
             out = work / f"actor_{phase}"
             t = time.perf_counter()
             with RayExecutor(num_workers=2) as ex:
@@ -157,7 +158,7 @@ def main() -> None:
     finally:
         ray.shutdown()
     # (a) the driver SIGKILLed right after a checkpoint, then --resume
-    for kill_at in (f"global:{every * 3}", f"layerwise:1:{every}"):
+    for kill_at in [] if args.overhead_only else (f"global:{every * 3}", f"layerwise:1:{every}"):
         out = work / ("killed_" + kill_at.split(":")[0])
         t = time.perf_counter()
         first = cli(overrides, out, kill_at=kill_at)
