@@ -151,7 +151,12 @@ def run_phase(executor, spec: PhaseSpec, path: Path, every: int, student: torch.
     try:
         while step < spec.iterations:
             stop = min(spec.iterations, (step // every + 1) * every)
-            state = executor.distill(spec, state, stop, progress=pbar.update, on_event=on_event)
+            try:
+                state = executor.distill(spec, state, stop, progress=pbar.update, on_event=on_event)
+            except RuntimeError as e:
+                if stage is None:
+                    raise
+                raise RuntimeError(f"stage {stage}: {e}") from e
             pbar.update(state.step, state.losses[-1] if state.losses else None)
             t = time.perf_counter()
             save_checkpoint(path, spec, state, digest)
