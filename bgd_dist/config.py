@@ -267,6 +267,14 @@ class GlobalConfig(_PhaseConfig):
     batch_size: int = 128
     lr_reference_batch: int | None = None
     lr_scaling: str = "linear"
+    folded_bn: str = "eval"           # BN layers found folded at plan time: eval | unfold | train
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .batchnorm import FOLDED_BN_MODES
+
+        if self.folded_bn not in FOLDED_BN_MODES:
+            raise ValueError(f"folded_bn: unknown mode {self.folded_bn!r}; expected one of {FOLDED_BN_MODES}")
 
 
 @dataclass(frozen=True)

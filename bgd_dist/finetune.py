@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .batchnorm import keep_in_eval_mode
 from .student import centroid_parameters
 
 
@@ -32,6 +33,7 @@ class PhaseSpec:
     train_mode: bool = False
     layers: tuple[str, ...] | None = None  # quantized layers whose centroids train (None: all)
     seed: int = 0
+    eval_modules: tuple[str, ...] = ()     # modules kept in eval mode in a train-mode phase (folded BN)
 
 
 def layerwise_spec(cfg, layers, seed: int = 0) -> PhaseSpec:
@@ -39,12 +41,12 @@ def layerwise_spec(cfg, layers, seed: int = 0) -> PhaseSpec:
                      train_mode=False, layers=tuple(layers), seed=seed)
 
 
-def global_spec(cfg, seed: int = 0) -> PhaseSpec:
+def global_spec(cfg, seed: int = 0, eval_modules: tuple[str, ...] = ()) -> PhaseSpec:
     total = cfg.epochs * cfg.iterations_per_epoch
     step = cfg.lr_step_epochs * cfg.iterations_per_epoch
     milestones = tuple(range(step, total, step)) if step > 0 else ()
     return PhaseSpec("global", total, cfg.effective_lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, milestones,
-                     cfg.lr_gamma, train_mode=True, layers=None, seed=seed)
+                     cfg.lr_gamma, train_mode=True, layers=None, seed=seed, eval_modules=tuple(eval_modules))
 
 
 def set_mode(model: nn.Module, adapter, train: bool) -> None:
@@ -68,6 +70,7 @@ def distill(student: nn.Module, teacher: nn.Module, adapter, spec: PhaseSpec, ba
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(spec.milestones), spec.gamma)
     teacher.eval()
     set_mode(student, adapter, spec.train_mode)
+    keep_in_eval_mode(student, spec.eval_modules)
     losses = []
     try:
         for it in range(spec.iterations):

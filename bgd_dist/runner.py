@@ -102,6 +102,7 @@ class Run:
     quantized_bytes: float = 0.0
     metrics_before: dict | None = None
     metrics_after: dict | None = None
+    folded_bn: list[str] = field(default_factory=list)   # BatchNorm layers found folded at plan time
 
     @classmethod
     def open(cls, cfg: PipelineConfig, out_dir: str | Path, resume: bool, progress: bool) -> "Run":
@@ -178,6 +179,26 @@ class Stage:
 
 
 # -- steps before the stages -----------------------------------------------------------------------
+def inspect_batchnorm(r: Run) -> None:
+    """Flag the teacher's folded BatchNorm layers (running mean 0 / variance 1 on an input that is
+    not normalised), which train-mode global distillation would destroy; say what the global
+    phase will do with them (``finetune.global.folded_bn``)."""
+    from .batchnorm import folded_batchnorms
+
+    found = folded_batchnorms(r.teacher, r.adapter.trace)
+    r.folded_bn = list(found)
+    if not found:
+        return
+    mode = r.cfg.finetune.global_.folded_bn
+    action = {"eval": "keeps them in eval mode", "unfold": "re-estimates their statistics first (unfold)",
+              "train": "trains them like any BatchNorm (they will lose their function)"}[mode]
+    log.warning("%d BatchNorm layer%s look%s folded (running mean 0 / variance 1 on an input that is not "
+                "normalised): %s; the global distillation %s (finetune.global.folded_bn = %s)", len(found),
+                "" if len(found) == 1 else "s", "s" if len(found) == 1 else "", ", ".join(found), action, mode)
+    r.log.write("folded_bn", layers=found, mode=mode)
+    r.report["folded_bn"] = {"layers": list(found), "mode": mode}
+
+
 def allocate(r: Run) -> None:
     """``quantize.target_mb``: choose every layer's (d, K) (``allocation.json``), then save the plan.
     A plan read back on resume is kept as it is."""
@@ -342,14 +363,56 @@ def global_distillation(r: Run) -> None:
     cfg = r.cfg.finetune.global_
     if not (cfg.enabled and cfg.epochs * cfg.iterations_per_epoch):
         return
+    keep_eval = r.folded_bn if cfg.folded_bn == "eval" else []
     with r.timers("global"):
+        if r.folded_bn and cfg.folded_bn == "unfold":
+            unfold_folded_batchnorms(r)
         r.ship_student()
-        result = r.executor.distill(global_spec(cfg, seed=r.seeds.global_()))
+        result = r.executor.distill(global_spec(cfg, seed=r.seeds.global_(), eval_modules=keep_eval))
         apply_distillation(r.student, result)
     log.info("global distillation: %d it, loss %.4f -> %.4f", len(result.losses), result.losses[0],
              result.losses[-1])
     r.log.write("global", losses_start=result.losses[0], losses_end=result.losses[-1],
                 iterations=len(result.losses))
+
+
+def unfold_folded_batchnorms(r: Run) -> None:
+    """Re-estimate the folded BatchNorm layers' running statistics on the calibration images (the
+    workers' per-channel input moments on the current student) and rescale their affine
+    parameters so that each layer's eval-mode output is unchanged (checked on inputs drawn with
+    the measured moments)."""
+    from .batchnorm import unfold_batchnorm
+
+    q = r.cfg.quantize
+    r.ship_student()
+    requests = tuple(LayerRequest(n, None, 1, "channel_moments") for n in r.folded_bn)
+    moments = r.executor.collect(CollectRequest(requests, q.n_calibration, q.batch_size, r.seeds.unfold())).stats
+    worst = 0.0
+    for name in r.folded_bn:
+        bn = get_submodule(r.student, name)
+        before = copy.deepcopy(bn).eval()
+        mean, var = moments[name].mean_var()
+        unfold_batchnorm(bn, mean, var)
+        per_channel = (1, -1) + (1,) * _spatial_dims(bn)
+        noise = torch.randn((8, len(mean)) + (4,) * _spatial_dims(bn), generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float64)
+        x = (noise * var.sqrt().view(per_channel) + mean.view(per_channel)).to(bn.weight.dtype)
+        with torch.no_grad():
+            expected, got = before(x), bn.eval()(x)
+        error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+        if error > 1e-4:
+            raise RuntimeError(f"unfolding BatchNorm {name!r} changed its eval-mode output (relative error "
+                               f"{error:.2e}); set finetune.global.folded_bn=eval")
+        worst = max(worst, error)
+    log.info("unfolded %d BatchNorm layer%s on %d calibration images (eval-mode outputs unchanged, largest "
+             "relative difference %.1e)", len(r.folded_bn), "" if len(r.folded_bn) == 1 else "s", q.n_calibration,
+             worst)
+    r.log.write("unfold_bn", layers=r.folded_bn, max_relative_error=worst)
+
+
+def _spatial_dims(bn: nn.Module) -> int:
+    """How many spatial dimensions a BatchNorm's input has (BatchNorm1d: 0, 2d: 2, 3d: 3)."""
+    return {"BatchNorm1d": 0, "BatchNorm2d": 2, "BatchNorm3d": 3}.get(type(bn).__name__, 2)
 
 
 def export(r: Run) -> None:
@@ -370,7 +433,7 @@ def write_report(r: Run) -> dict:
         "uncompressed_mb": uncompressed.uncompressed_mb, "compressed_mb": sizes.compressed_mb,
         "ratio": sizes.ratio, "file_bytes": (r.out / "model.bgd").stat().st_size,
         "metrics_before": r.metrics_before, "metrics_after": r.metrics_after,
-        "seconds": r.timers.total(),
+        "seconds": r.timers.total(), "numerics": numerics(),
     })
     atomic_write_text(r.out / "report.json", json.dumps(r.report, indent=1, default=float))
     r.log.write("report", **r.report)
@@ -405,6 +468,7 @@ def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress) ->
     try:
         r.executor.start(cfg.model, cfg.data)
         allocate(r)
+        inspect_batchnorm(r)
         if do_eval:
             r.metrics_before = evaluate_model(r, "teacher")
         for st in r.stages():
@@ -425,6 +489,14 @@ def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress) ->
         if own_executor:
             r.executor.close()
     return write_report(r)
+
+
+def numerics() -> dict:
+    """What the float results depend on besides the configuration: the same pipeline writes the same
+    bytes for the same torch version, CPU vector instruction set and thread settings, and rounds
+    differently on another CPU type (e.g. AVX2 vs AVX-512 kernels)."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "driver_threads": torch.get_num_threads()}
 
 
 def round_centroids_fp16(model: nn.Module) -> None:

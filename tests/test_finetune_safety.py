@@ -2,6 +2,8 @@
 
 import glob
 
+import torch
+
 import pytest
 
 from bgd_dist.config import ConfigError, load_pipeline
@@ -35,3 +37,53 @@ def test_a_smaller_batch_scales_the_paper_learning_rates_linearly():
 def test_an_unknown_scaling_rule_is_refused_by_name():
     with pytest.raises(ConfigError, match="lr_scaling"):
         load_pipeline("pipelines/resnet18_large.yaml", ["finetune.global.lr_scaling=cubic"])
+
+
+# -- folded BatchNorm -----------------------------------------------------------------------------
+def folded_toy(tmp_path, mode, folded=True):
+    from bgd_dist import load_compressed
+    from bgd_dist.runner import run
+
+    from toy import toy_config
+
+    cfg = toy_config(model={"adapter": "bgd_dist.testing:ToyAdapter", "arch": "toy",
+                            "kwargs": {"width": 8, "folded_bn": folded}},
+                     finetune={"layerwise": {"iterations": 3, "batch_size": 8, "lr": 0.01},
+                               "global": {"epochs": 1, "iterations_per_epoch": 30, "batch_size": 8,
+                                          "lr_step_epochs": 1, "lr": 0.001, "folded_bn": mode}})
+    report = run(cfg, tmp_path / mode, progress=False)
+    return report, load_compressed(tmp_path / mode / "model.bgd")
+
+
+@pytest.fixture(scope="module")
+def folded_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("folded")
+    return {mode: folded_toy(tmp, mode) for mode in ("train", "eval", "unfold")}
+
+
+def test_folded_batchnorm_is_flagged_at_plan_time_and_survives_the_global_phase(folded_runs):
+    agreement = {mode: report["metrics_after"]["agreement"] for mode, (report, _) in folded_runs.items()}
+    for mode, (report, _) in folded_runs.items():
+        assert report["folded_bn"] == {"layers": ["bn1", "bn2", "bn3"], "mode": mode}
+        assert report["metrics_before"]["agreement"] == 1.0
+    # train mode normalises by batch statistics the folded network never had
+    assert agreement["train"] < 0.9 <= min(agreement["eval"], agreement["unfold"])
+
+
+def test_kept_in_eval_mode_means_untouched_and_unfolded_means_real_statistics(folded_runs):
+    _, kept = folded_runs["eval"]
+    _, unfolded = folded_runs["unfold"]
+    for name in ("bn1", "bn2", "bn3"):
+        assert torch.equal(kept.get_submodule(name).running_mean, torch.zeros_like(kept.get_submodule(name).running_mean))
+        assert torch.equal(kept.get_submodule(name).running_var, torch.ones_like(kept.get_submodule(name).running_var))
+        assert (unfolded.get_submodule(name).running_var - 1).abs().max() > 0.1
+
+
+def test_a_network_that_is_not_folded_is_not_flagged(tmp_path):
+    report, _ = folded_toy(tmp_path, "eval", folded=False)
+    assert "folded_bn" not in report
+
+
+def test_an_unknown_folded_bn_mode_is_refused_by_name():
+    with pytest.raises(ConfigError, match="folded_bn"):
+        load_pipeline("pipelines/resnet18_large.yaml", ["finetune.global.folded_bn=sometimes"])
