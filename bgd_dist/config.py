@@ -282,6 +282,11 @@ class FinetuneConfig:
     _aliases = {"global": "global_"}
     layerwise: LayerwiseConfig = LayerwiseConfig()
     global_: GlobalConfig = GlobalConfig()
+    checkpoint_every: int = 500       # distillation steps between phase checkpoints (resume, worker replacement)
+
+    def __post_init__(self):
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every: must be >= 1, got {self.checkpoint_every}")
 
 
 @dataclass(frozen=True)

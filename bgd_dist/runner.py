@@ -27,18 +27,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .adapters import check_architecture, make_adapter, plan_for
 from .config import PipelineConfig
 from .core.sizing import MB, size_report
 from .core.stats import HessianStats, memory_groups
 from .executor import Executor, SerialExecutor
-from .finetune import global_spec, layerwise_spec
+from .finetune import PhaseSpec, PhaseState, global_spec, layerwise_spec
 from .io import atomic_write_text
-from .messages import CollectRequest, DistillResult, FitJob, FitResult, FitSettings, LayerRequest
+from .messages import CollectRequest, FitJob, FitResult, FitSettings, LayerRequest
 from .nn.modules import get_submodule, pq_layers, quantize_
 from .objectives import Objective, resolve
+from .phases import checkpoint_path, run_phase
+from .plots import LossPlot
+from .progress import bar as progress_bar
 from .plan import LayerPlan, Plan
 from .rundir import (MANIFEST_VERSION, JsonlLog, Manifest, codebooks_from, fingerprinted_config,  # noqa: F401
                      load_stage, load_stage_stats, run_fingerprint, save_stage, save_stage_stats, tensor_digest)
@@ -103,6 +105,7 @@ class Run:
     metrics_before: dict | None = None
     metrics_after: dict | None = None
     folded_bn: list[str] = field(default_factory=list)   # BatchNorm layers found folded at plan time
+    plot: LossPlot | None = None            # losses.png, refreshed at distillation checkpoints
 
     @classmethod
     def open(cls, cfg: PipelineConfig, out_dir: str | Path, resume: bool, progress: bool) -> "Run":
@@ -126,6 +129,7 @@ class Run:
                 r.log.write("plan_recomputed", reason=problem)
         r.plan = Plan.load(r.plan_path) if r.planned else plan_for(cfg, teacher, adapter)
         r.student = copy.deepcopy(teacher)
+        r.plot = LossPlot(out)
         return r
 
     @property
@@ -138,9 +142,22 @@ class Run:
 
     def stages(self):
         sizes = self.layer_sizes
-        for s, names in enumerate(tqdm(self.plan.stages, desc="stages", unit="stage", disable=not self.progress)):
-            yield Stage(s, len(self.plan.stages), [self.plan.layer(n) for n in names],
-                        self.out / "stages" / str(s), {n: sizes[n] for n in names})
+        with progress_bar(len(self.plan.stages), "stages", "stage", self.progress) as bar:
+            for s, names in enumerate(self.plan.stages):
+                yield Stage(s, len(self.plan.stages), [self.plan.layer(n) for n in names],
+                            self.out / "stages" / str(s), {n: sizes[n] for n in names})
+                bar.update(1)
+
+    def distill(self, spec: PhaseSpec, stage: int | None = None) -> PhaseState:
+        """A distillation phase on the workers (who hold the driver's student), in pieces of
+        ``finetune.checkpoint_every`` steps, each checkpointed, continuing from the phase's
+        checkpoint when there is one (:mod:`bgd_dist.phases`); the result is copied into the student."""
+        self.ship_student()
+        result = run_phase(self.executor, spec, checkpoint_path(self.out, spec, stage),
+                           self.cfg.finetune.checkpoint_every, self.student, self.log.write, stage=stage,
+                           show=self.progress, on_checkpoint=self.plot.refresh)
+        apply_distillation(self.student, result)
+        return result
 
     def ship_student(self) -> int:
         """Make every worker's student the driver's; returns the bytes shipped."""
@@ -218,11 +235,12 @@ def allocate(r: Run) -> None:
 
 
 def evaluate(executor: Executor, adapter, which: str, max_images: int | None,
-             results_path: str | Path | None = None) -> dict:
+             results_path: str | Path | None = None, progress: bool = False) -> dict:
     """Evaluate the workers' teacher or student on every shard, merge, score once; the
     evaluator also writes its predictions to ``results_path`` if it has any to write (COCO)."""
     evaluator = adapter.evaluator()
-    evaluator.merge(executor.evaluate(which, max_images))
+    with progress_bar(executor.num_shards, f"eval {which}", "shard", progress) as bar:
+        evaluator.merge(executor.evaluate(which, max_images, progress=bar.update))
     metrics = evaluator.result()
     if results_path is not None:
         evaluator.write_results(results_path)
@@ -237,7 +255,8 @@ def evaluate_model(r: Run, which: str) -> dict:
             from .fileformat import load_compressed
 
             r.executor.load_student(student_state(load_compressed(r.out / "model.bgd")))
-        metrics = evaluate(r.executor, r.adapter, which, r.cfg.eval.max_images, r.out / f"detections_{which}.json")
+        metrics = evaluate(r.executor, r.adapter, which, r.cfg.eval.max_images, r.out / f"detections_{which}.json",
+                           r.progress)
     log.info("%s: %s", which, metrics)
     r.log.write("eval", model=which, metrics=metrics)
     return metrics
@@ -281,8 +300,8 @@ def collect(r: Run, st: Stage) -> None:
         if not any(o.needs_calibration for o in st.objectives.values()):
             return
         passes = collect_groups(requests, q.hessian.max_mb * MB)
-        with tqdm(total=q.n_calibration * len(passes), desc=f"collect {st.index}", unit="img", leave=False,
-                  disable=not r.progress) as bar:
+        with progress_bar(q.n_calibration * len(passes), f"collect {st.index}", "img", r.progress,
+                          leave=False) as bar:
             for group in passes:   # several passes only when the stage's Hessians exceed max_mb
                 part = r.executor.collect(CollectRequest(group, q.n_calibration, q.batch_size,
                                                          r.seeds.collect(st.index)), progress=bar.update)
@@ -310,8 +329,7 @@ def fit(r: Run, st: Stage) -> None:
             weight = get_submodule(r.student, l.name).weight.detach().cpu()
             jobs.append(FitJob(l.name, weight, l.geometry, metric, l.n_centroids, l.block_size,
                                seed=r.seeds.fit(l), objective=st.objectives[l.name].name, settings=settings))
-        with tqdm(total=len(jobs), desc=f"fit {st.index}", unit="layer", leave=False,
-                  disable=not r.progress) as bar:
+        with progress_bar(len(jobs), f"fit {st.index}", "layer", r.progress, leave=False) as bar:
             st.fitted = r.executor.fit(jobs, progress=lambda result: bar.update())
 
 
@@ -337,9 +355,7 @@ def distill_stage(r: Run, st: Stage) -> None:
     if not (cfg.enabled and cfg.iterations > 0):
         return
     with r.timers("layerwise"):
-        r.ship_student()
-        result = r.executor.distill(layerwise_spec(cfg, st.names, seed=r.seeds.layerwise(st.index)))
-        apply_distillation(r.student, result)
+        result = r.distill(layerwise_spec(cfg, st.names, seed=r.seeds.layerwise(st.index)), st.index)
     st.losses = result.losses
     log.info("%s layer-wise distillation: %d it, loss %.4f -> %.4f", st.label, len(st.losses), st.losses[0],
              st.losses[-1])
@@ -355,6 +371,7 @@ def checkpoint(r: Run, st: Stage) -> None:
             "loss_start": st.losses[0] if st.losses else None, "loss_end": st.losses[-1] if st.losses else None}
     r.report["stages"].append(info)
     r.log.write("stage", **info)
+    (st.dir / "distill.pt").unlink(missing_ok=True)   # the stage file now holds the distilled codebooks
 
 
 # -- the steps after the stages --------------------------------------------------------------------
@@ -367,9 +384,7 @@ def global_distillation(r: Run) -> None:
     with r.timers("global"):
         if r.folded_bn and cfg.folded_bn == "unfold":
             unfold_folded_batchnorms(r)
-        r.ship_student()
-        result = r.executor.distill(global_spec(cfg, seed=r.seeds.global_(), eval_modules=keep_eval))
-        apply_distillation(r.student, result)
+        result = r.distill(global_spec(cfg, seed=r.seeds.global_(), eval_modules=keep_eval))
     log.info("global distillation: %d it, loss %.4f -> %.4f", len(result.losses), result.losses[0],
              result.losses[-1])
     r.log.write("global", losses_start=result.losses[0], losses_end=result.losses[-1],
@@ -437,6 +452,7 @@ def write_report(r: Run) -> dict:
     })
     atomic_write_text(r.out / "report.json", json.dumps(r.report, indent=1, default=float))
     r.log.write("report", **r.report)
+    r.plot.refresh(force=True)
     return r.report
 
 
@@ -505,13 +521,14 @@ def round_centroids_fp16(model: nn.Module) -> None:
             layer.centroids.copy_(layer.centroids.half().to(layer.centroids.dtype))
 
 
-def apply_distillation(student: nn.Module, result: DistillResult) -> None:
-    """Copy a distillation result's centroids (and BN buffers) into the driver's student."""
+def apply_distillation(student: nn.Module, result: PhaseState) -> None:
+    """Copy a distillation result's centroids (and, after the global phase, rank 0's BN buffers)
+    into the driver's student."""
     layers = pq_layers(student)
     with torch.no_grad():
         for name, c in result.centroids.items():
             layers[name].centroids.copy_(c)
-        if result.buffers is not None:
+        if result.buffers:
             buffers = dict(student.named_buffers())
-            for k, v in result.buffers.items():
+            for k, v in result.buffers[0].items():
                 buffers[k].copy_(v)
