@@ -49,6 +49,32 @@ def global_spec(cfg, seed: int = 0, eval_modules: tuple[str, ...] = ()) -> Phase
                      cfg.lr_gamma, train_mode=True, layers=None, seed=seed, eval_modules=tuple(eval_modules))
 
 
+class Diverged(FloatingPointError):
+    """A distillation phase whose loss turned non-finite or rose far above where it started."""
+
+    def __init__(self, phase: str, step: int, lr: float, loss: float, reason: str):
+        self.phase, self.step, self.lr, self.loss, self.reason = phase, step, lr, loss, reason
+        super().__init__(f"{phase} distillation diverged at step {step} with lr {lr:g}: {reason}")
+
+    def __reduce__(self):   # crosses process boundaries (Ray) with its fields
+        return Diverged, (self.phase, self.step, self.lr, self.loss, self.reason)
+
+
+def check_divergence(spec: PhaseSpec, state: "PhaseState", factor: float, first: int = 0) -> None:
+    """Raise :class:`Diverged` when the mean loss of the steps after ``first`` rose above ``factor``
+    times the phase's starting loss (its first step's, measured before any update). ``factor`` 0:
+    no check."""
+    losses = state.losses
+    if factor <= 0 or not losses:
+        return
+    start = losses[0]
+    recent = losses[first:] or losses[-1:]
+    mean = sum(recent) / len(recent)
+    if mean != mean or mean > factor * start + 1e-12:
+        raise Diverged(spec.name, state.step, state.optimizer["param_groups"][0]["lr"] if state.optimizer else spec.lr,
+                       mean, f"the loss rose from {start:.4g} to {mean:.4g} (more than {factor:g} x)")
+
+
 def set_mode(model: nn.Module, adapter, train: bool) -> None:
     adapter.set_train_mode(model, train)
 
@@ -141,12 +167,14 @@ def distill(student: nn.Module, teacher: nn.Module, adapter, spec: PhaseSpec, ba
             with torch.no_grad():
                 target = adapter.forward(teacher, batch)
             loss = adapter.distill_loss(adapter.forward(student, batch), target)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{spec.name} distillation: non-finite loss at iteration {it}")
             opt.zero_grad(set_to_none=False)
             loss.backward()
             if reduce_grads is not None:
                 reduce_grads([p.grad for p in params])
+            # after the reduction every worker sees the same gradients, so all stop together
+            if not torch.isfinite(loss) or not all(bool(torch.isfinite(p.grad).all()) for p in params):
+                raise Diverged(spec.name, it + 1, opt.param_groups[0]["lr"], float(loss.detach()),
+                               "the loss or its gradient is not finite")
             opt.step()
             sched.step()
             losses.append(loss.item())

@@ -18,6 +18,7 @@ seeds) and, per stage, a :class:`Stage` that the steps below fill in turn::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import json
 import logging
@@ -33,7 +34,7 @@ from .config import PipelineConfig
 from .core.sizing import MB, size_report
 from .core.stats import HessianStats, memory_groups
 from .executor import Executor, SerialExecutor
-from .finetune import PhaseSpec, PhaseState, global_spec, layerwise_spec
+from .finetune import Diverged, PhaseSpec, PhaseState, check_divergence, global_spec, layerwise_spec
 from .io import atomic_write_text
 from .messages import CollectRequest, FitJob, FitResult, FitSettings, LayerRequest
 from .nn.modules import get_submodule, pq_layers, quantize_
@@ -49,6 +50,10 @@ from .seeds import Seeds
 from .student import student_state
 
 log = logging.getLogger("bgd.runner")
+
+
+class DistillationDiverged(RuntimeError):
+    """A distillation phase diverged and was not (or no longer) retried; the message is one line."""
 
 
 class InjectedFailure(RuntimeError):
@@ -152,12 +157,37 @@ class Run:
         """A distillation phase on the workers (who hold the driver's student), in pieces of
         ``finetune.checkpoint_every`` steps, each checkpointed, continuing from the phase's
         checkpoint when there is one (:mod:`bgd_dist.phases`); the result is copied into the student."""
-        self.ship_student()
-        result = run_phase(self.executor, spec, checkpoint_path(self.out, spec, stage),
-                           self.cfg.finetune.checkpoint_every, self.student, self.log.write, stage=stage,
-                           show=self.progress, on_checkpoint=self.plot.refresh)
-        apply_distillation(self.student, result)
-        return result
+        f = self.cfg.finetune
+        where = ("global distillation" if stage is None
+                 else f"layer-wise distillation of stage {stage + 1}/{len(self.plan.stages)}")
+        for attempt in range(f.max_lr_retries + 1):
+            log.info("%s distillation%s: %d steps, batch %d, lr %g", spec.name,
+                     "" if stage is None else f" of stage {stage + 1}", spec.iterations, spec.batch_size, spec.lr)
+            self.log.write("phase_lr", phase=spec.name, stage=stage, lr=spec.lr, batch_size=spec.batch_size,
+                           attempt=attempt)
+            self.ship_student()   # the phase's start: also what a diverged attempt goes back to
+            path = checkpoint_path(self.out, spec, stage)
+            try:
+                result = run_phase(self.executor, spec, path, f.checkpoint_every, self.student, self.log.write,
+                                   stage=stage, show=self.progress, on_checkpoint=self.plot.refresh,
+                                   guard=lambda sp, st, first: check_divergence(sp, st, f.divergence_factor, first))
+            except Diverged as e:
+                retry = f.on_divergence == "retry_lower_lr" and attempt < f.max_lr_retries
+                self.log.write("divergence", phase=spec.name, stage=stage, step=e.step, lr=e.lr, loss=e.loss,
+                               reason=e.reason, action="retry" if retry else "fail", attempt=attempt)
+                message = f"{where} diverged at step {e.step} with lr {e.lr:g}: {e.reason}"
+                if not retry:
+                    tried = f" after {attempt} retr{'y' if attempt == 1 else 'ies'} at lower rates" if attempt else ""
+                    raise DistillationDiverged(f"{message}{tried}; lower finetune.{spec.name}.lr (or its batch "
+                                               f"size) and resume with --resume") from None
+                log.warning("%s; its centroids go back to where the phase started and it runs again with lr %g",
+                            message, spec.lr * f.lr_backoff)
+                path.unlink(missing_ok=True)
+                spec = dataclasses.replace(spec, lr=spec.lr * f.lr_backoff)
+                continue
+            apply_distillation(self.student, result)
+            return result
+        raise AssertionError("unreachable")
 
     def ship_student(self) -> int:
         """Make every worker's student the driver's; returns the bytes shipped."""

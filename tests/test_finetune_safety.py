@@ -87,3 +87,75 @@ def test_a_network_that_is_not_folded_is_not_flagged(tmp_path):
 def test_an_unknown_folded_bn_mode_is_refused_by_name():
     with pytest.raises(ConfigError, match="folded_bn"):
         load_pipeline("pipelines/resnet18_large.yaml", ["finetune.global.folded_bn=sometimes"])
+
+
+# -- divergence guard ------------------------------------------------------------------------------
+def diverging_run(tmp_path, lr, mode, executor=None, **finetune):
+    import json
+
+    from bgd_dist.runner import run
+
+    from toy import toy_config
+
+    cfg = toy_config(finetune={"layerwise": {"iterations": 6, "batch_size": 8, "lr": lr},
+                               "global": {"enabled": False}, "checkpoint_every": 2, "on_divergence": mode,
+                               **finetune},
+                     **({"executor": executor} if executor else {}))
+    try:
+        report = run(cfg, tmp_path, do_eval=False, progress=False)
+    finally:
+        events = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    return report, events
+
+
+def test_a_too_large_lr_ends_in_the_guards_one_line_message(tmp_path):
+    from bgd_dist.runner import DistillationDiverged
+
+    with pytest.raises(DistillationDiverged) as caught:
+        diverging_run(tmp_path, 100.0, "fail")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("layer-wise distillation of stage 1/3 diverged at step 2 with lr 100: "
+                              "the loss rose from ")
+    import json
+
+    events = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    [event] = [e for e in events if e["event"] == "divergence"]
+    assert (event["phase"], event["stage"], event["step"], event["lr"], event["action"]) == \
+        ("layerwise", 0, 2, 100.0, "fail")
+    assert not (tmp_path / "model.bgd").exists()
+
+
+def test_a_non_finite_loss_is_caught_on_the_worker_with_its_step(tmp_path):
+    from bgd_dist.runner import DistillationDiverged
+
+    with pytest.raises(DistillationDiverged, match=r"stage 1/3 diverged at step \d with lr 1e\+30: the loss or its "
+                                                   r"gradient is not finite"):
+        diverging_run(tmp_path, 1e30, "fail", divergence_factor=0)
+
+
+def test_retrying_at_lower_rates_finishes_the_run_from_the_phases_start(tmp_path):
+    report, events = diverging_run(tmp_path, 100.0, "retry_lower_lr")
+    divergences = [e for e in events if e["event"] == "divergence"]
+    assert divergences and all(e["action"] == "retry" for e in divergences)
+    stage0 = [e["lr"] for e in events if e["event"] == "phase_lr" and e["stage"] == 0]
+    assert stage0 == pytest.approx([100.0, 10.0, 1.0][:len(stage0)]) and len(stage0) >= 2
+    # every attempt starts where the phase started: the same first loss; the accepted one stays near it
+    assert f"the loss rose from {report['stages'][0]['loss_start']:.4g} to " in divergences[0]["reason"]
+    assert report["stages"][0]["loss_end"] < 10 * report["stages"][0]["loss_start"]
+    assert (tmp_path / "model.bgd").is_file()
+
+
+def test_retries_are_bounded(tmp_path):
+    from bgd_dist.runner import DistillationDiverged
+
+    with pytest.raises(DistillationDiverged, match=r"after 1 retry at lower rates"):
+        diverging_run(tmp_path, 1e30, "retry_lower_lr", max_lr_retries=1, lr_backoff=0.5, divergence_factor=0)
+
+
+@pytest.mark.slow
+def test_the_guard_works_across_ray_workers(ray_cluster, tmp_path):
+    from bgd_dist.runner import DistillationDiverged
+
+    with pytest.raises(DistillationDiverged, match=r"stage 1/3 diverged at step 2 with lr 100"):
+        diverging_run(tmp_path, 100.0, "fail", executor={"kind": "ray", "num_workers": 2})
