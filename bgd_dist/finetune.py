@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .batchnorm import keep_in_eval_mode
 from .student import centroid_parameters
 
 
@@ -32,6 +33,7 @@ class PhaseSpec:
     train_mode: bool = False
     layers: tuple[str, ...] | None = None  # quantized layers whose centroids train (None: all)
     seed: int = 0
+    eval_modules: tuple[str, ...] = ()     # modules kept in eval mode in a train-mode phase (folded BN)
 
 
 def layerwise_spec(cfg, layers, seed: int = 0) -> PhaseSpec:
@@ -39,12 +41,38 @@ def layerwise_spec(cfg, layers, seed: int = 0) -> PhaseSpec:
                      train_mode=False, layers=tuple(layers), seed=seed)
 
 
-def global_spec(cfg, seed: int = 0) -> PhaseSpec:
+def global_spec(cfg, seed: int = 0, eval_modules: tuple[str, ...] = ()) -> PhaseSpec:
     total = cfg.epochs * cfg.iterations_per_epoch
     step = cfg.lr_step_epochs * cfg.iterations_per_epoch
     milestones = tuple(range(step, total, step)) if step > 0 else ()
     return PhaseSpec("global", total, cfg.effective_lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, milestones,
-                     cfg.lr_gamma, train_mode=True, layers=None, seed=seed)
+                     cfg.lr_gamma, train_mode=True, layers=None, seed=seed, eval_modules=tuple(eval_modules))
+
+
+class Diverged(FloatingPointError):
+    """A distillation phase whose loss turned non-finite or rose far above where it started."""
+
+    def __init__(self, phase: str, step: int, lr: float, loss: float, reason: str):
+        self.phase, self.step, self.lr, self.loss, self.reason = phase, step, lr, loss, reason
+        super().__init__(f"{phase} distillation diverged at step {step} with lr {lr:g}: {reason}")
+
+    def __reduce__(self):   # crosses process boundaries (Ray) with its fields
+        return Diverged, (self.phase, self.step, self.lr, self.loss, self.reason)
+
+
+def check_divergence(spec: PhaseSpec, state: "PhaseState", factor: float, first: int = 0) -> None:
+    """Raise :class:`Diverged` when the mean loss of the steps after ``first`` rose above ``factor``
+    times the phase's starting loss (its first step's, measured before any update). ``factor`` 0:
+    no check."""
+    losses = state.losses
+    if factor <= 0 or not losses:
+        return
+    start = losses[0]
+    recent = losses[first:] or losses[-1:]
+    mean = sum(recent) / len(recent)
+    if mean != mean or mean > factor * start + 1e-12:
+        raise Diverged(spec.name, state.step, state.optimizer["param_groups"][0]["lr"] if state.optimizer else spec.lr,
+                       mean, f"the loss rose from {start:.4g} to {mean:.4g} (more than {factor:g} x)")
 
 
 def set_mode(model: nn.Module, adapter, train: bool) -> None:
@@ -131,6 +159,7 @@ def distill(student: nn.Module, teacher: nn.Module, adapter, spec: PhaseSpec, ba
         p.requires_grad_(True)
     teacher.eval()
     set_mode(student, adapter, spec.train_mode)
+    keep_in_eval_mode(student, spec.eval_modules)
     losses = []
     try:
         for it in range(start, stop):
@@ -138,12 +167,14 @@ def distill(student: nn.Module, teacher: nn.Module, adapter, spec: PhaseSpec, ba
             with torch.no_grad():
                 target = adapter.forward(teacher, batch)
             loss = adapter.distill_loss(adapter.forward(student, batch), target)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{spec.name} distillation: non-finite loss at iteration {it}")
             opt.zero_grad(set_to_none=False)
             loss.backward()
             if reduce_grads is not None:
                 reduce_grads([p.grad for p in params])
+            # after the reduction every worker sees the same gradients, so all stop together
+            if not torch.isfinite(loss) or not all(bool(torch.isfinite(p.grad).all()) for p in params):
+                raise Diverged(spec.name, it + 1, opt.param_groups[0]["lr"], float(loss.detach()),
+                               "the loss or its gradient is not finite")
             opt.step()
             sched.step()
             losses.append(loss.item())

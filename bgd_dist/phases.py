@@ -119,10 +119,13 @@ def _maybe_kill(spec: PhaseSpec, stage: int | None, step: int) -> None:
 
 def run_phase(executor, spec: PhaseSpec, path: Path, every: int, student: torch.nn.Module,
               event: Callable[..., None] | None = None, stage: int | None = None, show: bool = True,
-              on_checkpoint: Callable[[], None] | None = None, desc: str | None = None) -> PhaseState:
+              on_checkpoint: Callable[[], None] | None = None, desc: str | None = None,
+              guard: Callable[[PhaseSpec, PhaseState, int], None] | None = None) -> PhaseState:
     """Run ``spec`` on ``executor`` (whose workers hold ``student``) in pieces of ``every`` steps,
     checkpointing each to ``path`` and continuing from it when it is there. Returns the final state.
 
+    ``guard(spec, state, first_step)`` sees the state after every piece (the steps from
+    ``first_step`` are new) and may raise (a divergence) before the state is checkpointed.
     ``event(name, **fields)`` receives ``phase_start``, one ``loss`` record per checkpoint (the
     piece's mean and last loss, steps/s, ETA), the executor's ``restart`` records and ``phase_end``.
     """
@@ -158,6 +161,8 @@ def run_phase(executor, spec: PhaseSpec, path: Path, every: int, student: torch.
                     raise
                 raise RuntimeError(f"stage {stage}: {e}") from e
             pbar.update(state.step, state.losses[-1] if state.losses else None)
+            if guard is not None:   # before the checkpoint: a diverged state is never saved
+                guard(spec, state, step)
             t = time.perf_counter()
             save_checkpoint(path, spec, state, digest)
             ckpt_seconds += time.perf_counter() - t

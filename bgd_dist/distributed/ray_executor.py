@@ -30,7 +30,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..executor import Executor, merge_shard_results, payload_nbytes
-from ..finetune import PhaseSpec, PhaseState, combine
+from ..finetune import Diverged, PhaseSpec, PhaseState, combine
 from ..messages import CollectRequest, CollectResult, FitJob, FitResult
 from ..worker import Worker, run_fit
 
@@ -264,6 +264,8 @@ class RayExecutor(Executor):
                 if failed:
                     rank, err = failed[0]
                     cause = err.cause if getattr(err, "cause", None) is not None else err
+                    if isinstance(cause, Diverged):
+                        raise cause from None
                     raise RuntimeError(f"{spec.name} distillation failed on actor {rank} between steps {start} "
                                        f"and {stop}: {cause}") from None
                 return combine(state, results)
