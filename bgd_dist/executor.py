@@ -52,6 +52,10 @@ class Executor:
         """Evaluator states of every evaluation shard (``which``: teacher or student)."""
         raise NotImplementedError
 
+    def skipped_items(self) -> list[str]:
+        """The input files the workers left out as unreadable, sorted, each once."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -106,6 +110,9 @@ class SerialExecutor(Executor):
 
     def load_compressed(self, path: str) -> None:
         self.worker.load_compressed(path)
+
+    def skipped_items(self) -> list[str]:
+        return sorted(set(self.worker.skipped_items()))
 
     def evaluate(self, which, max_images) -> list:
         return [self.worker.evaluate(which, shard, self.num_shards, max_images) for shard in range(self.num_shards)]

@@ -102,6 +102,7 @@ class Run:
     quantized_bytes: float = 0.0
     metrics_before: dict | None = None
     metrics_after: dict | None = None
+    skipped_items: list = field(default_factory=list)     # unreadable input files left out (on_bad_image: skip)
 
     @classmethod
     def open(cls, cfg: PipelineConfig, out_dir: str | Path, resume: bool, progress: bool) -> "Run":
@@ -370,8 +371,12 @@ def write_report(r: Run) -> dict:
         "uncompressed_mb": uncompressed.uncompressed_mb, "compressed_mb": sizes.compressed_mb,
         "ratio": sizes.ratio, "file_bytes": (r.out / "model.bgd").stat().st_size,
         "metrics_before": r.metrics_before, "metrics_after": r.metrics_after,
-        "seconds": r.timers.total(),
+        "skipped_images": len(r.skipped_items), "seconds": r.timers.total(),
     })
+    if r.skipped_items:
+        log.warning("%d unreadable input files were left out (data.on_bad_image: skip); log.jsonl lists them",
+                    len(r.skipped_items))
+        r.log.write("skipped_images", files=r.skipped_items)
     atomic_write_text(r.out / "report.json", json.dumps(r.report, indent=1, default=float))
     r.log.write("report", **r.report)
     return r.report
@@ -421,6 +426,7 @@ def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress) ->
         export(r)
         if do_eval:
             r.metrics_after = evaluate_model(r, "student")
+        r.skipped_items = r.executor.skipped_items()
     finally:
         if own_executor:
             r.executor.close()
