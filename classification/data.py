@@ -25,7 +25,6 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from bgd_dist.adapters import DataError
