@@ -85,3 +85,22 @@ def test_under_ray_the_error_names_the_file_without_a_remote_traceback(ray_clust
         assert str(images) in message and "cannot read the image" in message and "Traceback" not in message
     finally:
         ex.close()
+
+
+def test_detection_names_the_file_or_skips_it(tmp_path):
+    from bgd_dist.adapters import make_adapter
+    from detection.shapes import make_shapes
+    from detection.testing import tiny_config
+
+    paths = make_shapes(tmp_path / "shapes", n_train=6, n_val=4, size=48, seed=0)
+    cfg = tiny_config(paths)
+    adapter = make_adapter(cfg.model, cfg.data)
+    split = adapter._split("train")
+    bad = split.entries[2][1]
+    bad.write_bytes(bad.read_bytes()[:60])                                      # truncated
+    with pytest.raises(DataError, match=f"{bad}.*on_bad_image: skip"):
+        list(adapter.calibration_batches(0, 1, 6, 3, seed=0))
+    skipping = make_adapter(cfg.model, {**cfg.data, "on_bad_image": "skip"})
+    counts = [[len(b) for b in skipping.calibration_batches(0, 1, 6, 3, seed=0)] for _ in range(2)]
+    assert counts[0] == counts[1] and sum(counts[0]) == 5
+    assert skipping.skipped_items() == [str(bad)]
