@@ -60,6 +60,10 @@ class Executor:
         ``progress(1)`` as each shard finishes."""
         raise NotImplementedError
 
+    def skipped_items(self) -> list[str]:
+        """The input files the workers left out as unreadable, sorted, each once."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -114,6 +118,9 @@ class SerialExecutor(Executor):
 
     def load_compressed(self, path: str) -> None:
         self.worker.load_compressed(path)
+
+    def skipped_items(self) -> list[str]:
+        return sorted(set(self.worker.skipped_items()))
 
     def evaluate(self, which, max_images, progress=None) -> list:
         out = []

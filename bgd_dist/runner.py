@@ -111,6 +111,7 @@ class Run:
     metrics_after: dict | None = None
     folded_bn: list[str] = field(default_factory=list)   # BatchNorm layers found folded at plan time
     plot: LossPlot | None = None            # losses.png, refreshed at distillation checkpoints
+    skipped_items: list = field(default_factory=list)     # unreadable input files left out (on_bad_image: skip)
 
     @classmethod
     def open(cls, cfg: PipelineConfig, out_dir: str | Path, resume: bool, progress: bool) -> "Run":
@@ -478,8 +479,12 @@ def write_report(r: Run) -> dict:
         "uncompressed_mb": uncompressed.uncompressed_mb, "compressed_mb": sizes.compressed_mb,
         "ratio": sizes.ratio, "file_bytes": (r.out / "model.bgd").stat().st_size,
         "metrics_before": r.metrics_before, "metrics_after": r.metrics_after,
-        "seconds": r.timers.total(), "numerics": numerics(),
+        "skipped_images": len(r.skipped_items), "seconds": r.timers.total(), "numerics": numerics(),
     })
+    if r.skipped_items:
+        log.warning("%d unreadable input files were left out (data.on_bad_image: skip); log.jsonl lists them",
+                    len(r.skipped_items))
+        r.log.write("skipped_images", files=r.skipped_items)
     atomic_write_text(r.out / "report.json", json.dumps(r.report, indent=1, default=float))
     r.log.write("report", **r.report)
     r.plot.refresh(force=True)
@@ -531,6 +536,7 @@ def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress) ->
         export(r)
         if do_eval:
             r.metrics_after = evaluate_model(r, "student")
+        r.skipped_items = r.executor.skipped_items()
     finally:
         if own_executor:
             r.executor.close()

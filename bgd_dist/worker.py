@@ -90,6 +90,10 @@ class Worker:
                 h.remove()
         return ShardStats({n: s.state() for n, s in stats.items()}, seen, time.perf_counter() - start)
 
+    def skipped_items(self) -> list[str]:
+        """The input files this worker's adapter left out as unreadable (``data.on_bad_image: skip``)."""
+        return self.adapter.skipped_items()
+
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, which: str, shard: int, n_shards: int, max_images: int | None):

@@ -29,6 +29,7 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from ..adapters import DataError
 from ..executor import Executor, merge_shard_results, payload_nbytes
 from ..finetune import Diverged, PhaseSpec, PhaseState, combine
 from ..messages import CollectRequest, CollectResult, FitJob, FitResult
@@ -164,6 +165,10 @@ class RayExecutor(Executor):
             i = pending.pop(ready[0])
             try:
                 results[i] = ray.get(ready[0])
+            except RayTaskError as e:
+                if isinstance(getattr(e, "cause", None), DataError):   # bad input: its message, no traceback
+                    raise DataError(str(e.cause)) from None
+                raise
             except RayActorError:
                 attempts[i] += 1
                 if attempts[i] > self.max_restarts:
@@ -206,6 +211,9 @@ class RayExecutor(Executor):
     def load_compressed(self, path: str) -> None:
         self._payload_ref = None
         self._call_all(lambda i: self.actors[i].load_compressed.remote(path))
+
+    def skipped_items(self) -> list[str]:
+        return sorted({p for paths in self._call_all(lambda i: self.actors[i].skipped_items.remote()) for p in paths})
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, which, max_images, progress=None) -> list:
