@@ -51,6 +51,9 @@ class Adapter(Protocol):
     - ``predict(model, batch)``: what the evaluator receives (eval mode).
     - ``distill_loss(student_out, teacher_out)``: scalar loss.
     - ``evaluator()`` and ``eval_batches(shard, n_shards, max_images)``.
+    - ``data_paths()``: the files and folders the adapter reads, ``{setting: path}`` (e.g.
+      ``{"data.train": "/data/imagenet/train"}``); each stats actor checks them on its node before
+      it starts. Optional (see :func:`data_paths`): an adapter without it declares none.
     """
 
     def build_model(self) -> nn.Module: ...
@@ -66,6 +69,13 @@ class Adapter(Protocol):
     def distill_loss(self, student_out: Any, teacher_out: Any) -> Tensor: ...
     def evaluator(self) -> Evaluator: ...
     def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[Any]: ...
+    def data_paths(self) -> dict[str, str]: ...
+
+
+def data_paths(adapter) -> dict[str, str]:
+    """The adapter's ``data_paths()``, or none if it does not declare any."""
+    method = getattr(adapter, "data_paths", None)
+    return dict(method()) if method is not None else {}
 
 
 def import_object(path: str):
