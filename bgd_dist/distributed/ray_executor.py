@@ -129,13 +129,19 @@ def resource_problem(demand: dict[str, float], count: int, nodes: list[dict]) ->
 
 
 def cluster_autoscales() -> bool:
-    """True if the connected cluster runs an autoscaler (it can add nodes later); best effort."""
+    """True if the connected cluster runs an autoscaler with a launcher config (it can add nodes
+    later). Best effort, from the autoscaler's status; ``executor.schedule_timeout_s`` overrides it."""
     try:
         from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
         from ray.experimental.internal_kv import _internal_kv_get
 
         status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
-        return bool(status) and bool(json.loads(status).get("autoscaler_report"))
+        report = (json.loads(status) if status else {}).get("autoscaler_report") or {}
+        # without a launcher config the monitor runs a read-only autoscaler whose node types are
+        # the nodes themselves ("node_<id>"); a launcher config names its types (e.g. gpu_worker)
+        types = set((report.get("node_type_mapping") or {}).values())
+        return bool(report.get("pending_launches") or report.get("pending_nodes")
+                    or any(not str(t).startswith("node_") for t in types))
     except Exception:
         return False
 
@@ -209,7 +215,9 @@ class RayExecutor(Executor):
             if self.address:
                 connect(self.address)
             else:
-                ray.init(num_cpus=self.num_cpus or self.num_shards, include_dashboard=False, log_to_driver=False)
+                # fit tasks take 1 CPU each: no more of them than this machine has cores
+                ray.init(num_cpus=self.num_cpus or min(self.num_shards, os.cpu_count() or 1), include_dashboard=False,
+                         log_to_driver=False)
             self._started_ray = True
         self._model_config, self._data_config = model_config, data_config
         for a in self.actors:  # a restart of the same executor
