@@ -13,6 +13,12 @@ data-parallel distillation over the actors.
   GPU) and average centroid gradients every step (DDP semantics). The group is
   formed once and re-formed only after an actor was replaced.
 
+Start-up never waits without a limit: what the actors ask (GPUs, custom resources,
+node by node) is compared with the cluster first, and a demand that can never fit
+fails at once with the settings that would; each actor checks on its node that the
+adapter's data paths are readable; a dead actor that cannot be replaced (its node
+was lost and the rest cannot hold it) stops the run naming the node.
+
 Actors reserve GPUs but no CPU slot, so the fit tasks can use the cores while
 the actors are idle (collection, fitting and distillation never overlap).
 """
