@@ -52,12 +52,16 @@ def bgd(*argv, env=None, timeout=60):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _processes_naming(text: str) -> list[int]:
+def _our_processes(temp: str, gcs_port: int) -> list[int]:
+    """Processes of the test cluster: those naming its temp dir, and job drivers (their own session)
+    whose RAY_ADDRESS is this cluster's."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if text.encode() in (entry / "cmdline").read_bytes():
+                if temp.encode() in (entry / "cmdline").read_bytes() or any(
+                        v.startswith(b"RAY_ADDRESS=") and v.endswith(f":{gcs_port}".encode())
+                        for v in (entry / "environ").read_bytes().split(b"\0")):
                     pids.append(int(entry.name))
             except OSError:
                 pass
@@ -96,12 +100,21 @@ def head():
         yield {"dashboard": dashboard, "port": ports["dashboard-port"], "gcs": f"127.0.0.1:{ports['port']}",
                "client": client}
     finally:
+        try:   # a job still running (an interrupted test) is stopped first
+            from ray.job_submission import JobStatus, JobSubmissionClient
+
+            client = JobSubmissionClient(dashboard)
+            for job in client.list_jobs():
+                if job.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                    client.stop_job(job.submission_id)
+        except Exception:
+            pass
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
-        for pid in [proc.pid, *_processes_naming(temp)]:
+        for pid in [proc.pid, *_our_processes(temp, ports["port"])]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
