@@ -75,10 +75,13 @@ class Adapter(Protocol):
       default the resolved data section.
     - ``skipped_items()``: the files this process left out as unreadable so far
       (``data.on_bad_image: skip``); default none.
+    - ``data_paths()``: the files and folders the adapter reads, ``{setting: path}`` (e.g.
+      ``{"data.train": "/data/imagenet/train"}``); each stats actor checks them on its node before
+      it starts; default none.
 
     Which items (and augmentation seeds) a shard of each stream gets is
     :mod:`bgd_dist.sharding`'s rule; an adapter maps them to batches.
-    :class:`AdapterBase` provides the defaults of the last two hooks.
+    :class:`AdapterBase` provides the defaults of the last four hooks.
     """
 
     def build_model(self) -> nn.Module: ...
@@ -98,6 +101,7 @@ class Adapter(Protocol):
     def set_train_mode(self, model: nn.Module, train: bool) -> None: ...
     def data_fingerprint(self) -> Any: ...
     def skipped_items(self) -> list[str]: ...
+    def data_paths(self) -> dict[str, str]: ...
 
 
 class AdapterBase:
@@ -115,6 +119,9 @@ class AdapterBase:
 
     def skipped_items(self) -> list[str]:
         return []
+
+    def data_paths(self) -> dict[str, str]:
+        return {}
 
 
 def import_object(path: str):

@@ -264,18 +264,46 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 success; 2 usage and configuration errors (bad arguments, an invalid pipeline or
+    setting, a named input file that does not exist); 1 failures at run time (the cluster, Ray, a
+    worker, I/O), reported on one line; ``-v`` logs the traceback (debug level)."""
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, OSError, KeyError, ImportError, RuntimeError) as e:
-        from .config import ConfigError
+    except KeyboardInterrupt:
+        print(f"bgd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        log.debug("bgd %s failed", args.command, exc_info=True)
+        hint = "" if args.verbose else " (-v shows the traceback)"
+        code = exit_code(e)
+        print(f"bgd {args.command}: error: {one_line(e)}" + (hint if code == 1 else ""), file=sys.stderr)
+        return code
 
-        if args.verbose and not isinstance(e, ConfigError):
-            raise
-        print(f"bgd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+
+def _from_ray(error: BaseException) -> bool:
+    return any(c.__module__.startswith("ray.") for c in type(error).__mro__)
+
+
+def exit_code(error: BaseException) -> int:
+    """2 for a usage or configuration error, 1 for a failure at run time."""
+    if _from_ray(error):   # raised in a worker (Ray wraps it in a subclass of the original type)
+        return 1
+    return 2 if isinstance(error, (ValueError, FileNotFoundError)) else 1
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line. Ray errors carry the remote traceback: their last
+    ``SomeError: message`` line is the cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if _from_ray(error):
+        for line in reversed(lines):
+            head = line.split(":", 1)[0]
+            if ":" in line and " " not in head and head.endswith(("Error", "Exception", "Interrupt")):
+                return line
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -313,8 +313,19 @@ class ExecutorConfig:
     num_gpus_per_worker: float = 0.0
     address: str | None = None        # None: start a local cluster; "auto" or HOST:PORT: join one
     max_fit_tasks: int = 8            # codebook fitting tasks in flight (ray.wait back-pressure)
+    actor_resources: dict = field(default_factory=dict)   # custom Ray resources each stats actor asks, {name: amount}
+    schedule_timeout_s: float | None = None   # wait this long for actor resources the cluster lacks now (None:
+    #                                           fail at once, or 600 s if the cluster autoscales)
+    start_timeout_s: float = 600.0    # a stats actor's start-up (building its model replica)
 
     def __post_init__(self):
+        for key, amount in self.actor_resources.items():
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+                raise ValueError(f"actor_resources.{key}: expected a positive number, got {amount!r}")
+        if self.schedule_timeout_s is not None and self.schedule_timeout_s < 0:
+            raise ValueError(f"schedule_timeout_s: must be >= 0, got {self.schedule_timeout_s}")
+        if not self.start_timeout_s > 0:
+            raise ValueError(f"start_timeout_s: must be > 0, got {self.start_timeout_s}")
         if self.kind not in ("ray", "serial"):
             raise ValueError(f"kind: unknown executor {self.kind!r}; expected ray or serial")
         if self.num_workers < 1:

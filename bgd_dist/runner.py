@@ -500,7 +500,9 @@ def make_executor(cfg: PipelineConfig, kind: str | None = None, address: str | N
     from .distributed.ray_executor import RayExecutor
 
     return RayExecutor(num_workers=e.num_workers, address=address or e.address, num_cpus=e.num_cpus,
-                       num_gpus_per_worker=e.num_gpus_per_worker, max_in_flight=e.max_fit_tasks)
+                       num_gpus_per_worker=e.num_gpus_per_worker, max_in_flight=e.max_fit_tasks,
+                       actor_resources=e.actor_resources, schedule_timeout_s=e.schedule_timeout_s,
+                       start_timeout_s=e.start_timeout_s)
 
 
 def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = None, resume: bool = False,

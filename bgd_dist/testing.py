@@ -7,6 +7,7 @@ process, so the serial and Ray executors can be compared exactly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -89,6 +90,7 @@ class ToyData:
     n_images: int = 256        # size of the synthetic "training set"
     image_size: int = 16
     seed: int = 0
+    data_dir: str | None = None   # declared as data (nothing is read there); $VARS expand on each node
 
 
 class ToyAdapter(AdapterBase):
@@ -100,6 +102,11 @@ class ToyAdapter(AdapterBase):
 
     def build_model(self) -> nn.Module:
         return toy_convnet(**self.model_config.kwargs)
+
+    def data_paths(self) -> dict[str, str]:
+        """``data.data_dir`` with environment variables expanded in this process: tests give one
+        Ray node a variable that points elsewhere, as a node without the shared file system."""
+        return {"data.data_dir": os.path.expandvars(self.data.data_dir)} if self.data.data_dir else {}
 
     def arch(self) -> dict:
         return {"factory": "bgd_dist.testing:toy_convnet", "kwargs": dict(self.model_config.kwargs)}

@@ -43,6 +43,8 @@ def _device() -> torch.device:
 class Worker:
     """A model replica plus the adapter's data, for one shard at a time."""
 
+    group_backend: str | None = None   # the executor sets gloo when ranks share a GPU (NCCL refuses that)
+
     def __init__(self, model_config, data_config: dict, device: str | None = None, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
@@ -115,7 +117,7 @@ class Worker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        backend = self.group_backend or ("nccl" if self.device.type == "cuda" else "gloo")
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         self.rank, self.world = rank, world

@@ -128,6 +128,12 @@ class ClassificationAdapter(ClassifierAdapter):
         return torch.zeros(batch_size, 3, s, s).normal_(generator=torch.Generator().manual_seed(0))
 
     # -- data -----------------------------------------------------------------------------------
+    def data_paths(self) -> dict[str, str]:
+        """The folders and files this adapter reads (each node checks them before it starts)."""
+        paths = {"data.train": self.data.train, "data.val": self.data.val,
+                 "model.checkpoint": self.model_config.checkpoint}
+        return {k: v for k, v in paths.items() if v and v != MISSING}
+
     def train_transform(self):
         d = self.data
         return T.Compose([T.RandomResizedCrop(d.image_size, scale=d.crop_scale), T.RandomHorizontalFlip(),

@@ -338,6 +338,11 @@ class DigitsAdapter(ClassifierAdapter):
     def arch(self) -> dict:
         return {"factory": "classification.digits:digits_resnet", "kwargs": dict(self.model_config.kwargs)}
 
+    def data_paths(self) -> dict[str, str]:
+        """The digits ship with scikit-learn; only a given teacher checkpoint is read from disk."""
+        ckpt = self.model_config.checkpoint
+        return {"model.checkpoint": ckpt} if ckpt and ckpt != MISSING else {}
+
     def example_batch(self, batch_size: int = 1) -> Tensor:
         images, _ = digit_arrays()
         return render(images[self._train_idx[:batch_size]], self.data.image_size)

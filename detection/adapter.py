@@ -234,6 +234,14 @@ class MaskRCNNAdapter(AdapterBase):
                     m.train()
 
     # -- data -----------------------------------------------------------------------------------
+    def data_paths(self) -> dict[str, str]:
+        """The folders and files this adapter reads (each node checks them before it starts)."""
+        d = self.data
+        paths = {"data.train_images": d.train_images, "data.train_annotations": d.train_annotations,
+                 "data.val_images": d.val_images, "data.val_annotations": d.val_annotations,
+                 "model.checkpoint": self.model_config.checkpoint}
+        return {k: v for k, v in paths.items() if v and v != MISSING}
+
     def _split(self, split: str) -> CocoImages:
         if split not in self._splits:
             images = require(getattr(self.data, f"{split}_images"), f"data.{split}_images")

@@ -13,13 +13,21 @@ data-parallel distillation over the actors.
   GPU) and average centroid gradients every step (DDP semantics). The group is
   formed once and re-formed only after an actor was replaced.
 
+Start-up never waits without a limit: what the actors ask (GPUs, custom resources,
+node by node) is compared with the cluster first, and a demand that can never fit
+fails at once with the settings that would; each actor checks on its node that the
+adapter's data paths are readable; a dead actor that cannot be replaced (its node
+was lost and the rest cannot hold it) stops the run naming the node.
+
 Actors reserve GPUs but no CPU slot, so the fit tasks can use the cores while
 the actors are idle (collection, fitting and distillation never overlap).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -29,7 +37,7 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from ..adapters import DataError
+from ..adapters import DataError, make_adapter
 from ..executor import Executor, merge_shard_results, payload_nbytes
 from ..finetune import Diverged, PhaseSpec, PhaseState, combine
 from ..messages import CollectRequest, CollectResult, FitJob, FitResult
@@ -39,6 +47,28 @@ log = logging.getLogger(__name__)
 
 
 class _StatsWorker(Worker):
+    """A :class:`Worker` in a Ray actor. It first checks that the data paths its adapter declares
+    are readable on this node; if not, it builds nothing and :meth:`placement` reports the error."""
+
+    def __init__(self, model_config, data_config: dict, device: str | None = None, threads: int | None = None):
+        self._error = None
+        adapter = make_adapter(model_config, data_config)
+        unreadable = unreadable_paths(dict(adapter.data_paths()))
+        if unreadable:
+            key, path = unreadable[0]
+            self._error = (f"{key}={path} is not readable on node {_node_label()}; every node needs the data at "
+                           f"the same path (shared file system)")
+            return
+        super().__init__(model_config, data_config, device, threads)
+
+    def placement(self) -> dict:
+        """Where this actor runs: node id and address, the GPUs Ray gave it, and a start-up error."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "address": ray.util.get_node_ip_address(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "error": self._error}
+
+    def set_group_backend(self, backend: str | None) -> None:
+        self.group_backend = backend
+
     def address(self) -> tuple[str, int]:
         """This actor's node address and a free TCP port there (for the process group)."""
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -68,13 +98,126 @@ class _StatsWorker(Worker):
 
 
 StatsWorker = ray.remote(_StatsWorker)
+
+
+def _node_label() -> str:
+    return f"{ray.util.get_node_ip_address()} (node id {ray.get_runtime_context().get_node_id()[:12]})"
+
+
+def unreadable_paths(paths: dict) -> list[tuple[str, str]]:
+    """``(key, path)`` of every path in ``{key: path}`` that does not exist or cannot be read here."""
+    bad = []
+    for key, path in paths.items():
+        if path is None:
+            continue
+        path = os.fspath(path)
+        mode = os.R_OK | (os.X_OK if os.path.isdir(path) else 0)
+        if not os.path.exists(path) or not os.access(path, mode):
+            bad.append((key, path))
+    return bad
+
+
+def _fmt(resources: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())
+                     if not k.startswith(("node:", "memory", "object_store_memory", "accelerator_type")))
+
+
+def _fits(node: dict, demand: dict[str, float], count: int) -> int:
+    """How many actors asking ``demand`` fit in the resources ``node`` (at most ``count``)."""
+    return min([count] + [int(node.get(r, 0.0) / amount + 1e-9) for r, amount in demand.items() if amount > 0])
+
+
+def resource_problem(demand: dict[str, float], count: int, nodes: list[dict]) -> str | None:
+    """None if ``count`` actors asking ``demand`` each can be placed on ``nodes`` (per-node resource
+    dicts); otherwise a one-line explanation with the numbers and the settings that would fit."""
+    capacity = sum(_fits(n, demand, count) for n in nodes)
+    if capacity >= count:
+        return None
+    totals = {r: sum(n.get(r, 0.0) for n in nodes) for r in demand}
+    hints = []
+    if capacity >= 1:
+        hints.append(f"--set executor.num_workers={capacity}")
+    gpu = demand.get("GPU", 0.0)
+    if gpu and totals["GPU"] == 0:
+        hints.append("--set executor.num_gpus_per_worker=0")
+    elif gpu:
+        others = {r: a for r, a in demand.items() if r != "GPU"}
+        for g in sorted({n.get("GPU", 0.0) / k for n in nodes for k in range(1, count + 1)}, reverse=True):
+            g = math.floor(g * 100) / 100
+            if 0 < g < gpu and sum(_fits(n, {**others, "GPU": g}, count) for n in nodes) >= count:
+                hints.append(f"--set executor.num_gpus_per_worker={g:g}")
+                break
+    for r, amount in demand.items():
+        if r != "GPU" and totals[r] == 0:
+            hints.append(f"no node has {r!r}: start nodes with `ray start --resources '{{\"{r}\": N}}'` or "
+                         f"drop executor.actor_resources.{r}")
+    per_node = "; ".join(_fmt({r: n.get(r, 0.0) for r in demand}) for n in nodes)
+    return (f"{count} stats actors asking {_fmt(demand)} each cannot be placed: the cluster's {len(nodes)} node(s) "
+            f"can hold {capacity} of them (per node: {per_node})" + (f"; to fit: {' or '.join(hints)}" if hints else ""))
+
+
+def cluster_autoscales() -> bool:
+    """True if the connected cluster runs an autoscaler with a launcher config (it can add nodes
+    later). Best effort, from the autoscaler's status; ``executor.schedule_timeout_s`` overrides it."""
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        report = (json.loads(status) if status else {}).get("autoscaler_report") or {}
+        # without a launcher config the monitor runs a read-only autoscaler whose node types are
+        # the nodes themselves ("node_<id>"); a launcher config names its types (e.g. gpu_worker)
+        types = set((report.get("node_type_mapping") or {}).values())
+        return bool(report.get("pending_launches") or report.get("pending_nodes")
+                    or any(not str(t).startswith("node_") for t in types))
+    except Exception:
+        return False
+
+
+def _cause(error: Exception) -> str:
+    """The last ``SomeError: message`` line of a Ray error (its remote traceback), else its first line."""
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if ":" in line and head.endswith(("Error", "Exception")) and " " not in head:
+            return line
+    return lines[0] if lines else type(error).__name__
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster at ``address`` (``auto``, ``HOST:PORT`` or ``ray://...``). With no cluster
+    there, fail within seconds with one line instead of Ray's retries and traceback."""
+    if address.startswith("ray://"):
+        ray.init(address=address, log_to_driver=False)
+        return
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:  # auto: RAY_ADDRESS, else the latest cluster started on this machine
+        resolved = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as e:
+        raise RuntimeError(f"--address {address}: {_cause(e)}") from None
+    if resolved is None:
+        raise RuntimeError(f"--address {address}: no running Ray cluster found; start one with `ray start --head` "
+                           f"or leave --address out for a local one")
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"--address {address}: no Ray cluster answers at {resolved} "
+                           f"({getattr(e, 'strerror', None) or e}); start one with `ray start --head` or fix the "
+                           f"address") from None
+    try:
+        ray.init(address=resolved, log_to_driver=False)
+    except Exception as e:
+        raise RuntimeError(f"--address {address}: cannot join the Ray cluster at {resolved}: {_cause(e)}") from None
 _fit_task = ray.remote(run_fit)
 
 
 class RayExecutor(Executor):
     def __init__(self, num_workers: int = 2, address: str | None = None, num_cpus: int | None = None,
                  num_gpus_per_worker: float = 0.0, threads_per_worker: int = 1, max_in_flight: int = 8,
-                 max_restarts: int = 3):
+                 max_restarts: int = 3, actor_resources: dict | None = None,
+                 schedule_timeout_s: float | None = None, start_timeout_s: float = 600.0):
         self.num_shards = num_workers
         self.address = address
         self.num_cpus = num_cpus
@@ -82,6 +225,11 @@ class RayExecutor(Executor):
         self.threads = threads_per_worker
         self.max_in_flight = max_in_flight
         self.max_restarts = max_restarts
+        self.actor_resources = dict(actor_resources or {})   # custom resources each stats actor asks
+        self.schedule_timeout_s = schedule_timeout_s        # wait this long for resources the cluster lacks now
+        self.start_timeout_s = start_timeout_s              # an actor's start-up (model build) limit
+        self.placement: list[dict] = []
+        self.group_backend: str | None = None
         self.actors: list = []
         self._started_ray = False
         self._payload_ref = None
@@ -100,21 +248,124 @@ class RayExecutor(Executor):
     def start(self, model_config, data_config: dict) -> None:
         if not ray.is_initialized():
             if self.address:
-                ray.init(address=self.address, log_to_driver=False)
+                connect(self.address)
             else:
-                ray.init(num_cpus=self.num_cpus or self.num_shards, include_dashboard=False, log_to_driver=False)
+                # fit tasks take 1 CPU each: no more of them than this machine has cores
+                ray.init(num_cpus=self.num_cpus or min(self.num_shards, os.cpu_count() or 1), include_dashboard=False,
+                         log_to_driver=False)
             self._started_ray = True
         self._model_config, self._data_config = model_config, data_config
         for a in self.actors:  # a restart of the same executor
             ray.kill(a)
         self._group_ready = False
-        self.actors = [self._new_actor() for _ in range(self.num_shards)]
-        ray.get([a.ping.remote() for a in self.actors])
+        self.actors = []
+        wait_s = self._check_resources()
+        self.actors = [self._new_actor(wait=False) for _ in range(self.num_shards)]
+        self.placement = self._await_actors(self.actors, wait_s)
+        self._choose_group_backend()
 
-    def _new_actor(self):
-        return StatsWorker.options(num_cpus=0, num_gpus=self.num_gpus_per_worker,
-                                   scheduling_strategy="SPREAD").remote(
+    def _actor_demand(self) -> dict[str, float]:
+        demand = {"GPU": float(self.num_gpus_per_worker)} if self.num_gpus_per_worker else {}
+        demand.update({k: float(v) for k, v in self.actor_resources.items()})
+        return demand
+
+    def _check_resources(self) -> float:
+        """Fail at once if the stats actors can never be placed on this cluster; returns how long
+        to wait for them to be scheduled (longer when the cluster must first grow or free resources)."""
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if sum(n.get("CPU", 0.0) for n in nodes) < 1:
+            raise RuntimeError("the Ray cluster has no CPU: codebook fits run as 1-CPU tasks; start nodes with "
+                               "--num-cpus >= 1")
+        problem = resource_problem(self._actor_demand(), self.num_shards, nodes)
+        autoscaling = cluster_autoscales()
+        if problem is not None:
+            if self.schedule_timeout_s is None and not autoscaling:
+                raise RuntimeError(problem)
+            wait_s = self.schedule_timeout_s if self.schedule_timeout_s is not None else 600.0
+            log.warning("%s; waiting up to %.0f s for the cluster to grow (%s)", problem, wait_s,
+                        "autoscaling is configured" if autoscaling else "executor.schedule_timeout_s")
+            return wait_s
+        available = ray.available_resources()
+        if resource_problem(self._actor_demand(), self.num_shards, [available]) is not None:
+            wait_s = self.schedule_timeout_s if self.schedule_timeout_s is not None else 600.0
+            log.warning("the stats actors fit on this cluster but not in what is free now (%s); waiting up to "
+                        "%.0f s (executor.schedule_timeout_s)", _fmt(available), wait_s)
+            return wait_s
+        return self.schedule_timeout_s if self.schedule_timeout_s is not None else 0.0
+
+    def _await_actors(self, actors: list, wait_s: float) -> list[dict]:
+        """Every actor's placement (node id, node address, GPU ids); never blocks without a limit:
+        scheduling gets ``wait_s`` more than the start-up timeout (the actor builds its model)."""
+        refs = {a.placement.remote(): i for i, a in enumerate(actors)}
+        deadline = time.monotonic() + self.start_timeout_s + wait_s
+        placement: list = [None] * len(actors)
+        last_note = time.monotonic()
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=min(10.0, max(0.0, deadline - time.monotonic())))
+            if not ready:
+                if time.monotonic() >= deadline:
+                    missing = sorted(refs.values())
+                    raise RuntimeError(
+                        f"{len(missing)} of {len(actors)} stats actors did not start within "
+                        f"{self.start_timeout_s + wait_s:.0f} s (each asks {_fmt(self._actor_demand()) or 'no resources'}; "
+                        f"the cluster has {_fmt(ray.cluster_resources())}, free {_fmt(ray.available_resources())}); "
+                        f"lower executor.num_workers or raise executor.schedule_timeout_s / executor.start_timeout_s")
+                if time.monotonic() - last_note > 30:
+                    log.info("waiting for %d stats actors to be scheduled (free: %s)", len(refs),
+                             _fmt(ray.available_resources()))
+                    last_note = time.monotonic()
+                continue
+            i = refs.pop(ready[0])
+            try:
+                placement[i] = ray.get(ready[0])
+            except RayActorError as e:
+                raise RuntimeError(f"stats actor {i} failed to start: {_cause(e)}") from None
+            if placement[i].get("error"):
+                raise RuntimeError(placement[i]["error"])
+        return placement
+
+    def _choose_group_backend(self) -> None:
+        """NCCL refuses two ranks on one device: when actors share a GPU (fractional
+        ``num_gpus_per_worker``), the distillation group uses gloo instead, and says so."""
+        seen, shared = set(), []
+        for p in self.placement:
+            for gpu in p.get("gpu_ids", []):
+                key = (p["node_id"], str(gpu))
+                if key in seen:
+                    shared.append(key)
+                seen.add(key)
+        self.group_backend = "gloo" if shared else None
+        if shared:
+            node, gpu = shared[0]
+            log.warning("stats actors share GPU %s on node %s (num_gpus_per_worker=%s): NCCL refuses two ranks on "
+                        "one device, so distillation all-reduces with gloo", gpu, node[:12], self.num_gpus_per_worker)
+        ray.get([a.set_group_backend.remote(self.group_backend) for a in self.actors], timeout=self.start_timeout_s)
+
+    def _new_actor(self, wait: bool = True):
+        """A stats actor. ``wait`` (a replacement during a run): block until it runs; if the live
+        nodes can no longer hold all the actors (a node was lost), fail at once naming the lost
+        nodes, unless the cluster autoscales or ``schedule_timeout_s`` allows waiting for it."""
+        if wait:
+            nodes = ray.nodes()
+            problem = resource_problem(self._actor_demand(), self.num_shards,
+                                       [n["Resources"] for n in nodes if n.get("Alive")])
+            lost = [f"{n.get('NodeManagerAddress')} (node id {n.get('NodeID', '')[:12]})"
+                    for n in nodes if not n.get("Alive")]
+            where = f"node {', '.join(lost)} was lost; " if lost else ""
+            if problem is not None and self.schedule_timeout_s is None and not cluster_autoscales():
+                raise RuntimeError(f"a stats actor died and cannot be replaced: {where}{problem}; once the cluster "
+                                   f"has the resources again, continue the run with --resume")
+        actor = StatsWorker.options(num_cpus=0, num_gpus=self.num_gpus_per_worker, resources=self.actor_resources,
+                                    scheduling_strategy="SPREAD").remote(
             self._model_config, self._data_config, None, self.threads)
+        actor.set_group_backend.remote(self.group_backend)  # actor calls run in order: no wait needed
+        if wait:
+            try:
+                self._await_actors([actor], self.schedule_timeout_s or 0.0)
+            except RuntimeError as e:
+                raise RuntimeError(f"a stats actor died and its replacement did not start: {where}{e}; continue "
+                                   f"the run with --resume") from None
+        return actor
 
     def close(self) -> None:
         for a in self.actors:
