@@ -42,12 +42,12 @@ def test_unreadable_paths_names_the_missing_ones(tmp_path):
 
 
 def test_adapters_declare_their_data_paths(tmp_path):
-    from bgd_dist.adapters import data_paths, make_adapter
+    from bgd_dist.adapters import make_adapter
 
     cfg = toy_config(data={"data_dir": str(tmp_path)})
-    assert data_paths(make_adapter(cfg.model, cfg.data)) == {"data.data_dir": str(tmp_path)}
+    assert make_adapter(cfg.model, cfg.data).data_paths() == {"data.data_dir": str(tmp_path)}
     cfg = toy_config()
-    assert data_paths(make_adapter(cfg.model, cfg.data)) == {}
+    assert make_adapter(cfg.model, cfg.data).data_paths() == {}
 
     from bgd_dist.config import ModelConfig
     from classification.adapter import ClassificationAdapter
