@@ -27,6 +27,7 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from ..config import ModelConfig
 from ..executor import Executor, merge_shard_results, payload_nbytes
 from ..finetune import PhaseSpec
 from ..messages import CollectRequest, CollectResult, DistillResult, FitJob, FitResult
@@ -74,6 +75,10 @@ class RayExecutor(Executor):
             else:
                 ray.init(num_cpus=self.num_cpus or self.num_shards, include_dashboard=False, log_to_driver=False)
             self._started_ray = True
+        if not isinstance(model_config, ModelConfig):   # an adapter instance holding the user's model: by value
+            from .by_value import register_user_modules
+
+            register_user_modules(model_config)
         self._model_config, self._data_config = model_config, data_config
         for a in self.actors:  # a restart of the same executor
             ray.kill(a)
