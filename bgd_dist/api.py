@@ -381,7 +381,7 @@ def compress(model: nn.Module, data, out: str | Path, *, rules: str | list = "pa
     - ``arch``: ``{"factory": "module:function", "kwargs": {...}}`` that rebuilds the
       architecture, recorded in ``model.bgd`` so that it loads without the model's class.
     """
-    from .config import from_mapping, pipeline_from_dict
+    from .config import from_mapping, pipeline_from_dict, to_mapping
     from .fileformat import load_compressed
     from .runner import make_executor, run
 
@@ -399,20 +399,19 @@ def compress(model: nn.Module, data, out: str | Path, *, rules: str | list = "pa
         for phase in phases:
             phases[phase] = {"enabled": phase in distill, "batch_size": batch_size * num_workers,
                              **distill.get(phase, {})}
+    if not isinstance(executor, str):
+        num_workers = executor.num_shards
     kind = executor if isinstance(executor, str) else "serial"
     cfg = pipeline_from_dict({
         "name": name,
         "model": {"adapter": "bgd_dist.api:ModuleAdapter", "arch": type(model).__qualname__},
-        "quantize": {"rules": [{"match": ".*", "skip": True}], "n_centroids": n_centroids, "n_iter": n_iter, "objective": objective,
-                     "target_mb": target_mb, "n_calibration": n_calibration, "batch_size": batch_size,
-                     "seed": seed},
+        "quantize": {"rules": [to_mapping(r) for r in rule_list], "n_centroids": n_centroids, "n_iter": n_iter,
+                     "objective": objective, "target_mb": target_mb, "n_calibration": n_calibration,
+                     "batch_size": batch_size, "seed": seed},
         "finetune": phases,
         "executor": {"kind": kind, "num_workers": num_workers, "address": address},
         "eval": {"max_images": max_eval},
     })
-    import dataclasses
-
-    cfg = dataclasses.replace(cfg, quantize=dataclasses.replace(cfg.quantize, rules=tuple(rule_list)))
     adapter = ModuleAdapter(model, data, eval_data, loss, arch, batch_size)
     ex = make_executor(cfg) if isinstance(executor, str) else executor
     try:
