@@ -26,7 +26,6 @@ def cmd_size(args) -> int:
     from .config import load_pipeline
     from .core.sizing import size_report
     from .adapters import build_architecture, make_adapter
-
     from .config import require_all
 
     cfg = load_pipeline(args.pipeline, args.overrides)
