@@ -112,6 +112,16 @@ class AdapterBase:
     def set_train_mode(self, model: nn.Module, train: bool) -> None:
         model.train(train)
 
+    def fresh_model(self) -> nn.Module | None:
+        """The architecture a compressed file of this adapter loads into; None: the one the
+        file records (its ``arch``)."""
+        return None
+
+    def shipped_objects(self) -> list:
+        """The user's classes and functions an adapter instance carries to remote workers (their
+        modules are pickled by value); adapters built from a config on each worker carry none."""
+        return []
+
     def data_fingerprint(self) -> Any:
         from .config import to_mapping
 
@@ -144,7 +154,15 @@ def adapter_class(name: str):
 
 
 def make_adapter(model_config, data_config: dict | None = None):
-    """The adapter named by ``model_config.adapter``, built from the model and data sections."""
+    """The adapter named by ``model_config.adapter``, built from the model and data sections;
+    an adapter instance (an object holding its model and data, see :mod:`bgd_dist.api`) is
+    returned as it is."""
+    from .config import ModelConfig
+
+    if not isinstance(model_config, ModelConfig):
+        if not isinstance(model_config, Adapter):
+            raise TypeError(f"expected a model config or an adapter instance, got {type(model_config).__name__}")
+        return model_config
     cls = adapter_class(model_config.adapter)
     return cls(model_config, data_config or {})
 
@@ -154,6 +172,8 @@ def check_architecture(arch: dict) -> None:
     kwargs a compressed file would store: they must bind to its signature and build a model."""
     import inspect
 
+    if arch["factory"] == "bgd_dist.api:user_model":   # the file needs the user's model to load
+        return
     factory, kwargs = import_object(arch["factory"]), dict(arch.get("kwargs", {}))
     try:
         inspect.signature(factory).bind(**kwargs)

@@ -26,6 +26,7 @@ def cmd_size(args) -> int:
     from .config import load_pipeline
     from .core.sizing import size_report
     from .adapters import build_architecture, make_adapter
+    from .config import require_all
 
     cfg = load_pipeline(args.pipeline, args.overrides)
     adapter = make_adapter(cfg.model, cfg.data)
@@ -40,6 +41,7 @@ def cmd_size(args) -> int:
         from .allocation import allocate_plan, format_allocation
         from .executor import SerialExecutor
 
+        require_all(cfg, ignore=lambda key: key.startswith("data.val"))
         model = adapter.build_model()
         plan = plan_for(cfg, model, adapter)
         log.info("allocating %.4f MB over %d layers (statistics on the teacher, in this process)",
@@ -55,13 +57,24 @@ def cmd_size(args) -> int:
         out = report.to_dict()
         if allocation is not None:
             out["allocation"] = allocation
-        print(json.dumps(out, indent=1))
+        emit(json.dumps(out, indent=1))
     else:
-        print(format_size_table(report, cfg.name))
-        if allocation is not None:
-            print()
-            print(format_allocation(allocation))
+        emit(format_size_table(report, cfg.name)
+             + ("\n\n" + format_allocation(allocation) if allocation is not None else ""))
     return 0
+
+
+def emit(text: str) -> None:
+    """Print ``text``; a reader that stops early (``bgd size ... | head``) is not an error: the
+    rest is dropped quietly."""
+    import os
+
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)   # so that the flush at exit does not fail again
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def format_size_table(report, title: str = "") -> str:
@@ -138,11 +151,13 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from .adapters import build_architecture, make_adapter, plan_for
-    from .config import load_pipeline
+    from .config import load_pipeline, require_all
     from .core.sizing import size_report
     from .runner import evaluate, make_executor
 
     cfg = load_pipeline(args.pipeline, args.overrides)
+    # the evaluation data only; with --model the model comes from the file (no teacher weights)
+    require_all(cfg, ignore=lambda key: key.startswith("data.train") or bool(args.model and key.startswith("model.")))
     adapter = make_adapter(cfg.model, cfg.data)
     executor = make_executor(cfg, kind=args.executor, address=args.address)
     try:
@@ -260,6 +275,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=["resnet18", "resnet50"], required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import_ktb)
+    for p in sub.choices.values():   # -v also after the subcommand (bgd size X -v)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 

@@ -8,6 +8,7 @@ needs it runs, and :func:`require` says so by name.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from .objectives import NAMES as OBJECTIVES
 from .plan import Rule
 
 MISSING = "???"
+# YAML 1.1 (PyYAML) reads 1e-3 as a string (it wants 1.0e-3); a float setting accepts it.
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -70,6 +73,8 @@ def _convert(tp, value, where: str):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -355,18 +360,27 @@ class PipelineConfig:
 
 
 def _apply_override(raw: dict, override: str, where: str) -> None:
+    """``a.b.c=value``; a number indexes a list (``quantize.rules.0.block_size=8``)."""
     if "=" not in override:
         raise ConfigError(f"{where}: override {override!r} must be KEY=VALUE")
     key, value = override.split("=", 1)
     parts = key.strip().split(".")
     node = raw
-    for part in parts[:-1]:
-        if part not in node or node[part] is None:
-            node[part] = {}
-        if not isinstance(node[part], dict):
-            raise ConfigError(f"{where}: override {key!r}: {part!r} is not a section")
-        node = node[part]
-    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{where}: override {key!r}: {'.'.join(parts[:i])} is a list of {len(node)} "
+                                  f"items; {part!r} is not an index of it")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{where}: override {key!r}: {'.'.join(parts[:i])!r} is not a section")
+        if last:
+            node[part] = yaml.safe_load(value) if value != "" else None
+        else:
+            if isinstance(node, dict) and (part not in node or node[part] is None):
+                node[part] = {}
+            node = node[part]
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
@@ -385,9 +399,48 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     raw.setdefault("name", path.stem)
     raw["source"] = str(path)
     try:
-        return from_mapping(PipelineConfig, raw)
+        cfg = from_mapping(PipelineConfig, raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    check_sections(cfg)
+    return cfg
+
+
+def check_sections(cfg: PipelineConfig) -> None:
+    """The adapter's own sections (``data:``, ``model:``) are validated when the pipeline is read,
+    by constructing the adapter and asking for its architecture (neither builds a model): errors
+    name the file."""
+    from .adapters import make_adapter
+
+    try:
+        make_adapter(cfg.model, cfg.data).arch()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{cfg.source}: {e}") from None
+
+
+def missing_keys(cfg: PipelineConfig) -> list[str]:
+    """The dotted keys still set to ``???``, in file order."""
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from walk(v, f"{prefix}.{i}")
+        elif node == MISSING:
+            yield prefix
+
+    return list(walk(to_mapping(cfg), ""))
+
+
+def require_all(cfg: PipelineConfig, ignore=lambda key: False) -> None:
+    """Every required (``???``) key at once, before any model is built: one error naming them all
+    (``ignore(key)``: keys the command does not need)."""
+    missing = [k for k in missing_keys(cfg) if not ignore(k)]
+    if missing:
+        src = f"{cfg.source}: " if cfg.source else ""
+        raise ConfigError(f"{src}required setting{'s' if len(missing) > 1 else ''} missing: {', '.join(missing)}; "
+                          f"pass {' '.join(f'--set {k}=...' for k in missing)}")
 
 
 def pipeline_from_dict(raw: dict) -> PipelineConfig:

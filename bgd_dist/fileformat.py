@@ -616,7 +616,8 @@ def _match_dtypes(model: nn.Module, state: dict[str, Tensor]) -> None:
             t.data = t.data.to(value.dtype)
 
 
-def load_compressed(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_compressed(path: str | Path, map_location: str | torch.device = "cpu",
+                    model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model stored in a ``.bgd`` file; returns it in eval mode on ``map_location``.
 
     The architecture is built by the allow-listed factory, every stored tensor
@@ -626,6 +627,9 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu") 
     saved model dtype, assignments unpacked) and the resulting state keys are
     checked to be exactly the stored ones. Errors are :class:`FormatError`
     naming the file.
+
+    ``model``: the dense architecture to load into instead of the one the file
+    records (a user's own class, see :mod:`bgd_dist.api`); it is modified in place.
     """
     path = Path(path)
     header, payload = _read_payload(path)
@@ -640,7 +644,10 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu") 
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{path}: corrupt header: {_msg(e)}") from None
     try:
-        model = _build_uninitialised(header["arch"])
+        if model is None:
+            model = _build_uninitialised(header["arch"])
+        elif not isinstance(model, nn.Module) or pq_layers(model):
+            raise ValueError("model= must be a dense nn.Module of the file's architecture")
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from None
     try:
@@ -736,7 +743,7 @@ def inspect_file(path: str | Path, accounted: bool = True) -> dict:
         "payload_nbytes": payload.numel(), "layers": layers,
         "other_nbytes": sum(e["nbytes"] for k, e in table.items() if k not in in_layers),
     }
-    if accounted:
+    if accounted and header["arch"].get("factory") != "bgd_dist.api:user_model":   # a user's class: no sizes
         try:
             model = build_arch(header["arch"], device="meta")
         except ValueError as e:

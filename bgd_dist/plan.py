@@ -199,6 +199,17 @@ def resolve_layer(name: str, geometry: LayerGeometry, rules: Iterable[Rule], def
     return LayerPlan(name, geometry, False, rule.block_size, k, requested, rule.objective or default_objective)
 
 
+def check_rules_match(rules: list[Rule], geometries: dict[str, LayerGeometry]) -> None:
+    """A rule that matches no layer at all is an error naming it (a typo such as ``conv_1``
+    would otherwise leave the layer it meant to the rules after it)."""
+    for i, rule in enumerate(rules):
+        if not any(rule.matches(n, g) for n, g in geometries.items()):
+            filters = "".join(f", {k}: {getattr(rule, k)!r}" for k in ("kind", "kernel") if getattr(rule, k) is not None)
+            names = list(geometries)
+            raise ValueError(f"quantize.rules[{i}] {{match: {rule.match!r}{filters}}} matches no layer of the model "
+                             f"(its layers: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
+
+
 def build_plan(model: nn.Module, rules: Iterable[Rule], run: Callable[[nn.Module], Any] | None = None,
                default_n_centroids: int = 256, default_objective: str = "paper", clamp: bool = True) -> Plan:
     """The plan of ``model`` under ``rules``.
@@ -211,6 +222,7 @@ def build_plan(model: nn.Module, rules: Iterable[Rule], run: Callable[[nn.Module
     """
     rules = list(rules)
     layers = quantizable_layers(model)
+    check_rules_match(rules, {n: geometry_of(m) for n, m in layers.items()})
     if run is not None:
         was_training = model.training
         order, input_ids = trace_execution(model, run)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .adapters import check_architecture, make_adapter, plan_for
-from .config import PipelineConfig
+from .config import PipelineConfig, require_all
 from .core.sizing import MB, size_report
 from .core.stats import HessianStats, memory_groups
 from .executor import Executor, SerialExecutor
@@ -114,12 +114,14 @@ class Run:
     skipped_items: list = field(default_factory=list)     # unreadable input files left out (on_bad_image: skip)
 
     @classmethod
-    def open(cls, cfg: PipelineConfig, out_dir: str | Path, resume: bool, progress: bool) -> "Run":
+    def open(cls, cfg: PipelineConfig, out_dir: str | Path, resume: bool, progress: bool,
+             adapter=None) -> "Run":
         """Build the teacher, check (or start) the run directory, write ``config.yaml`` and
-        compute (or, on resume, read back) the plan."""
+        compute (or, on resume, read back) the plan. ``adapter``: an adapter instance that holds
+        its model and data (the Python API); default: the one ``cfg.model`` names."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        adapter = make_adapter(cfg.model, cfg.data)
+        adapter = adapter if adapter is not None else make_adapter(cfg.model, cfg.data)
         check_architecture(adapter.arch())   # before any work: the exported file must be loadable
         teacher = adapter.build_model()
         manifest = Manifest.open(out / "manifest.json", run_fingerprint(cfg, teacher, adapter), resume,
@@ -285,7 +287,8 @@ def evaluate_model(r: Run, which: str) -> dict:
         if which == "student":
             from .fileformat import load_compressed
 
-            r.executor.load_student(student_state(load_compressed(r.out / "model.bgd")))
+            r.executor.load_student(student_state(load_compressed(r.out / "model.bgd",
+                                                                  model=r.adapter.fresh_model())))
         metrics = evaluate(r.executor, r.adapter, which, r.cfg.eval.max_images, r.out / f"detections_{which}.json",
                            r.progress)
     log.info("%s: %s", which, metrics)
@@ -506,20 +509,28 @@ def make_executor(cfg: PipelineConfig, kind: str | None = None, address: str | N
 
 
 def run(cfg: PipelineConfig, out_dir: str | Path, executor: Executor | None = None, resume: bool = False,
-        do_eval: bool = True, fail_after_stage: int | None = None, progress: bool = True) -> dict:
+        do_eval: bool = True, fail_after_stage: int | None = None, progress: bool = True, adapter=None) -> dict:
     """Compress ``cfg``'s model into ``out_dir/model.bgd``; returns the report (also ``report.json``).
 
+    ``adapter``: an adapter instance holding its model and data (:func:`bgd_dist.compress`); it
+    goes to the workers by value. Default: the adapter ``cfg.model`` names, which every worker
+    builds from the model and data sections (``bgd quantize``). Both take this one path.
     The run holds an exclusive lock on ``out_dir`` throughout (:class:`~bgd_dist.runlock.RunLock`)."""
+    if adapter is None:   # every required (???) setting at once, before any model is built
+        require_all(cfg, ignore=lambda key: not do_eval and key.startswith("data.val"))
     with RunLock(out_dir):
-        return _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress)
+        return _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress, adapter)
 
 
-def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress) -> dict:
-    r = Run.open(cfg, out_dir, resume, progress)
+def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress, adapter=None) -> dict:
+    r = Run.open(cfg, out_dir, resume, progress, adapter)
     own_executor = executor is None
     r.executor = executor or make_executor(cfg)
     try:
-        r.executor.start(cfg.model, cfg.data)
+        if adapter is not None:
+            r.executor.start(adapter, None)
+        else:
+            r.executor.start(cfg.model, cfg.data)
         allocate(r)
         inspect_batchnorm(r)
         if do_eval:

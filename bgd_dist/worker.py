@@ -41,19 +41,30 @@ def _device() -> torch.device:
 
 
 class Worker:
-    """A model replica plus the adapter's data, for one shard at a time."""
+    """A model replica plus the adapter's data, for one shard at a time.
+
+    Built from ``(model_config, data_config)`` (the adapter the config names is built here), or
+    from an adapter instance that holds its model and data (passed by value; ``data_config`` None)."""
 
     group_backend: str | None = None   # the executor sets gloo when ranks share a GPU (NCCL refuses that)
 
-    def __init__(self, model_config, data_config: dict, device: str | None = None, threads: int | None = None):
+    def __init__(self, model_config, data_config: dict | None = None, device: str | None = None,
+                 threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device) if device else _device()
         self.adapter = make_adapter(model_config, data_config)
-        self.teacher = self.adapter.build_model().to(self.device).eval()
+        self._teacher: nn.Module | None = None
         self.student: nn.Module | None = None
         self.rank, self.world = 0, 1
         self._stream = None   # (phase key, next step, iterator) of the distillation stream in progress
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The adapter's model, built on first use: evaluating a compressed file needs none."""
+        if self._teacher is None:
+            self._teacher = self.adapter.build_model().to(self.device).eval()
+        return self._teacher
 
     def ping(self) -> bool:
         return True
@@ -66,7 +77,7 @@ class Worker:
         """Make a compressed file the student (the path must be readable on this node)."""
         from .fileformat import load_compressed
 
-        self.student = load_compressed(path).to(self.device).eval()
+        self.student = load_compressed(path, model=self.adapter.fresh_model()).to(self.device).eval()
 
     # -- statistics ---------------------------------------------------------------------------
     @torch.no_grad()

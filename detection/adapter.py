@@ -173,6 +173,11 @@ def _binary_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         - F.binary_cross_entropy_with_logits(teacher_logits, p, reduction="none")
 
 
+BN_EPS_REQUIRED = ("model.kwargs.bn_eps: required with model.checkpoint for maskrcnn_resnet50_fpn (the frozen BN "
+                   "eps is not recorded in a state dict): 0.0 for torchvision's COCO_V1 weights (Detectron-trained), "
+                   "1e-5 for a detector trained with torch's BatchNorm")
+
+
 class MaskRCNNAdapter(AdapterBase):
     """Adapter protocol (see :mod:`bgd_dist.adapters`) for torchvision Mask R-CNN models."""
 
@@ -191,11 +196,17 @@ class MaskRCNNAdapter(AdapterBase):
         return build_maskrcnn(m.arch, m.weights, m.checkpoint, **self._norm_kwargs(), **m.kwargs)
 
     def _norm_kwargs(self) -> dict:
-        """Trained R50-FPN weights use frozen BN with eps 0: the architecture must say so, so that a
-        compressed file rebuilds the same network without the weights."""
+        """Trained R50-FPN weights use frozen BN: the architecture must say so, and with which eps,
+        so that a compressed file rebuilds the same network without the weights. torchvision's
+        COCO weights (Detectron-trained) use eps 0; a local checkpoint's eps is not knowable from
+        its state dict, so it must be given (``model.kwargs.bn_eps``)."""
         m = self.model_config
         if m.arch == "maskrcnn_resnet50_fpn" and (m.weights or m.checkpoint) and "norm" not in m.kwargs:
-            return {"norm": "frozen_bn", "bn_eps": m.kwargs.get("bn_eps", 0.0)}
+            if "bn_eps" in m.kwargs:
+                return {"norm": "frozen_bn"}
+            if m.checkpoint and not m.weights:
+                raise ValueError(BN_EPS_REQUIRED)
+            return {"norm": "frozen_bn", "bn_eps": 0.0}
         return {}
 
     def arch(self) -> dict:

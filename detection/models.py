@@ -164,9 +164,11 @@ def build_maskrcnn(arch: str = "maskrcnn_resnet50_fpn", weights: str | None = No
     ``weights``: a torchvision enum name (``COCO_V1``), downloaded where the
     network allows; ``checkpoint``: a local state dict (fp16 entries are cast to
     the model's dtype). Without either the model is randomly initialised.
-    For R50-FPN, ``norm`` (``frozen_bn`` or ``bn``) and ``bn_eps`` default to
-    torchvision's choices: frozen BN with eps 0 for trained weights, BN for a
-    random model; other ``kwargs`` go to ``MaskRCNN`` (``min_size`` ...).
+    For R50-FPN, ``norm`` (``frozen_bn`` or ``bn``) defaults to torchvision's
+    choice (frozen BN for trained weights, BN for a random model) and ``bn_eps``
+    to 0 for the torchvision ``weights`` (Detectron-trained) and 1e-5 for a random
+    model; with a local ``checkpoint`` ``bn_eps`` must be given. Other ``kwargs``
+    go to ``MaskRCNN`` (``min_size``, ``max_size`` ...).
     """
     from classification.models import load_state_dict
 
@@ -185,7 +187,11 @@ def build_maskrcnn(arch: str = "maskrcnn_resnet50_fpn", weights: str | None = No
     if norm is None:  # torchvision's choice: frozen BN for trained weights, BN for a random model
         norm = "frozen_bn" if (weights or checkpoint) else "bn"
     if bn_eps is None:
-        bn_eps = 0.0 if (weights or checkpoint) else 1e-5  # COCO_V1 (Detectron) uses eps = 0
+        if checkpoint and not weights:   # a state dict does not say which eps it was trained with
+            raise ValueError("model.kwargs.bn_eps: required with model.checkpoint for maskrcnn_resnet50_fpn: 0.0 "
+                             "for torchvision's COCO_V1 weights (Detectron-trained), 1e-5 for a detector trained "
+                             "with torch's BatchNorm")
+        bn_eps = 0.0 if weights else 1e-5  # COCO_V1 (Detectron) uses eps = 0
     model = _maskrcnn_resnet50_fpn(norm, **kwargs)
     set_bn_eps(model, bn_eps)
     if checkpoint:

@@ -38,6 +38,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..adapters import DataError, make_adapter
+from ..config import ModelConfig
 from ..executor import Executor, merge_shard_results, payload_nbytes
 from ..finetune import Diverged, PhaseSpec, PhaseState, combine
 from ..messages import CollectRequest, CollectResult, FitJob, FitResult
@@ -254,6 +255,10 @@ class RayExecutor(Executor):
                 ray.init(num_cpus=self.num_cpus or min(self.num_shards, os.cpu_count() or 1), include_dashboard=False,
                          log_to_driver=False)
             self._started_ray = True
+        if not isinstance(model_config, ModelConfig):   # an adapter instance holding the user's model: by value
+            from .by_value import register_user_modules
+
+            register_user_modules(model_config)
         self._model_config, self._data_config = model_config, data_config
         for a in self.actors:  # a restart of the same executor
             ray.kill(a)
