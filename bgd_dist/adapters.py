@@ -68,10 +68,12 @@ class Adapter(Protocol):
       phase trains BN statistics); default ``model.train(train)``.
     - ``data_fingerprint()``: what identifies the data for ``--resume`` (JSON-able);
       default the resolved data section.
+    - ``preprocessing()`` and ``class_names()``: what the compressed file records for a
+      deployer; default None.
 
     Which items (and augmentation seeds) a shard of each stream gets is
     :mod:`bgd_dist.sharding`'s rule; an adapter maps them to batches.
-    :class:`AdapterBase` provides the defaults of the last two hooks.
+    :class:`AdapterBase` provides the defaults of the last four hooks.
     """
 
     def build_model(self) -> nn.Module: ...
@@ -104,6 +106,17 @@ class AdapterBase:
         from .config import to_mapping
 
         return to_mapping(self.data) if dataclasses.is_dataclass(self.data) else self.data
+
+    def preprocessing(self) -> dict | None:
+        """What a deployer does to an input before the network, recorded in the compressed file
+        (e.g. ``{"input_size": [3, 224, 224], "resize": 256, "mean": [...], "std": [...]}``);
+        ``input_size`` (C, H, W) is also the example shape of the ONNX export. Default: None."""
+        return None
+
+    def class_names(self) -> list[str] | None:
+        """The names of the network's output classes, in output order, where the adapter knows
+        them (recorded in the compressed file). Default: None."""
+        return None
 
 
 def import_object(path: str):

@@ -459,9 +459,7 @@ def save_compressed(path: str | Path, model: nn.Module, plan: Plan, arch: dict,
         "producer": f"bgd-dist {__version__}", "arch": arch, "plan": plan.to_dict(), "metadata": metadata,
         "tensors": table, "payload_nbytes": payload_nbytes, "payload_sha256": digest,
     }
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-(PREFIX_NBYTES + len(header_bytes)) % ALIGN)
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes), hashlib.sha256(header_bytes).digest())
+    prefix, header_bytes = _encode_header(header)
 
     def write(f) -> None:
         f.write(prefix)
@@ -471,6 +469,14 @@ def save_compressed(path: str | Path, model: nn.Module, plan: Plan, arch: dict,
 
     atomic_write(path, write)
     return PREFIX_NBYTES + len(header_bytes) + payload_nbytes
+
+
+def _encode_header(header: dict) -> tuple[bytes, bytes]:
+    """(fixed prefix, JSON header padded so that the payload starts 8-byte aligned)."""
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-(PREFIX_NBYTES + len(header_bytes)) % ALIGN)
+    prefix = _PREFIX.pack(MAGIC, header["version"], 0, len(header_bytes), hashlib.sha256(header_bytes).digest())
+    return prefix, header_bytes
 
 
 def _msg(e: BaseException) -> str:
@@ -616,8 +622,13 @@ def _match_dtypes(model: nn.Module, state: dict[str, Tensor]) -> None:
             t.data = t.data.to(value.dtype)
 
 
-def load_compressed(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_compressed(path: str | Path, map_location: str | torch.device = "cpu", dense: bool = False) -> nn.Module:
     """Rebuild the model stored in a ``.bgd`` file; returns it in eval mode on ``map_location``.
+
+    ``dense=True`` returns the original architecture with plain layers, their weights the decoded
+    ones (:func:`bgd_dist.export.to_dense`): its state dict loads into the architecture with
+    ``strict=True``. Otherwise the planned layers are quantized modules (trainable centroids;
+    eval-mode inference decodes each weight once, see :mod:`bgd_dist.nn.modules`).
 
     The architecture is built by the allow-listed factory, every stored tensor
     but the codes is loaded into it strictly (the only keys the dense model may
@@ -686,7 +697,30 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu") 
     except (ValueError, KeyError, RuntimeError) as e:
         raise FormatError(f"{path}: {_msg(e)}") from None
     model.eval()
+    if dense:
+        from .nn.modules import dequantize_
+
+        dequantize_(model)
     return model.to(map_location)
+
+
+def update_metadata(path: str | Path, updates: dict) -> None:
+    """Merge ``updates`` (JSON-serialisable) into the file's metadata, rewriting it atomically; the
+    payload (the tensors) is copied unchanged and verified first."""
+    path = Path(path)
+    header, payload = _read_payload(path)
+    try:
+        merged = json.loads(json.dumps({**header.get("metadata", {}), **updates}))
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{path}: cannot update metadata: it must be JSON-serialisable: {e}") from None
+    prefix, header_bytes = _encode_header({**header, "metadata": merged})
+
+    def write(f) -> None:
+        f.write(prefix)
+        f.write(header_bytes)
+        f.write(payload.numpy().data)
+
+    atomic_write(path, write)
 
 
 def _few(keys: list[str], n: int = 8) -> str:
@@ -777,6 +811,31 @@ def format_inspect(info: dict) -> str:
                   f"{info['uncompressed_mb']:.2f} MB; ratio {info['ratio']:.1f}x accounted, "
                   f"{info['disk_ratio']:.1f}x on disk")
     lines.append(total)
-    if info.get("metadata"):
-        lines.append("metadata: " + json.dumps(info["metadata"], sort_keys=True))
+    lines += format_deployment(info.get("metadata") or {})
     return "\n".join(lines)
+
+
+def format_deployment(metadata: dict) -> list[str]:
+    """Readable lines of the deployment metadata a file records: the pipeline it came from, the
+    preprocessing, the class names, the evaluation metrics; other keys as JSON."""
+    lines = []
+    pipeline = metadata.get("pipeline")
+    if pipeline:
+        source = pipeline.get("checkpoint") or pipeline.get("weights") or "-"
+        lines.append(f"pipeline: {pipeline.get('name')} (adapter {pipeline.get('adapter')}, arch "
+                     f"{pipeline.get('arch')}, teacher {source}, objective {pipeline.get('objective')})")
+    pre = metadata.get("preprocessing")
+    if pre:
+        lines.append("preprocessing: " + ", ".join(f"{k}={v}" for k, v in pre.items()))
+    names = metadata.get("class_names")
+    if names:
+        shown = ", ".join(str(n) for n in names[:8])
+        lines.append(f"classes ({len(names)}): {shown}{', ...' if len(names) > 8 else ''}")
+    for which, values in (metadata.get("metrics") or {}).items():
+        if values:
+            lines.append(f"metrics ({which}): " + ", ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+    rest = {k: v for k, v in metadata.items() if k not in ("pipeline", "preprocessing", "class_names", "metrics")}
+    if rest:
+        lines.append("metadata: " + json.dumps(rest, sort_keys=True))
+    return lines
