@@ -650,8 +650,20 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu", 
         state = {key: _decode_tensor(key, entry, payload) for key, entry in table.items()}
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{path}: corrupt header: {_msg(e)}") from None
+    model = assemble(path, header["arch"], plan, state)
+    if dense:
+        from .nn.modules import dequantize_
+
+        dequantize_(model)
+    return model.to(map_location)
+
+
+def assemble(path: Path, arch: dict, plan: Plan, state: dict[str, Tensor]) -> nn.Module:
+    """The quantized model (eval mode) from decoded state tensors: the architecture, every tensor but
+    the codes loaded strictly, the planned layers swapped for quantized modules built from the codes.
+    Errors are :class:`FormatError` naming ``path``."""
     try:
-        model = _build_uninitialised(header["arch"])
+        model = _build_uninitialised(arch)
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from None
     try:
@@ -669,8 +681,8 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu", 
         for entry in plan.layers:  # the architecture must be the one the plan was made for
             geometry = geometry_of(get_submodule(model, entry.name))
             if geometry != entry.geometry:
-                raise ValueError(f"layer {entry.name!r}: architecture {header['arch']['factory']!r} with kwargs "
-                                 f"{header['arch']['kwargs']} has {geometry}, the plan says {entry.geometry}")
+                raise ValueError(f"layer {entry.name!r}: architecture {arch['factory']!r} with kwargs "
+                                 f"{arch['kwargs']} has {geometry}, the plan says {entry.geometry}")
         # 1. everything but the codes goes into the dense model (strict: the only keys it may
         #    lack are the dense weights of the planned layers, which the codes replace) ...
         codes = {f"{name}.{part}" for name in codebooks for part in ("centroids", "assignments")}
@@ -680,7 +692,7 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu", 
         result = model.load_state_dict(dense_state, strict=False)
         missing = [k for k in result.missing_keys if k not in replaced]
         if missing or result.unexpected_keys:
-            raise ValueError(f"the stored state does not match architecture {header['arch']['factory']!r}: "
+            raise ValueError(f"the stored state does not match architecture {arch['factory']!r}: "
                              f"missing keys {_few(missing)}, unexpected keys {_few(result.unexpected_keys)}")
         # 2. ... then the planned layers are swapped for quantized ones built from the codes
         #    (their biases come from the dense layers loaded above).
@@ -696,12 +708,7 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu", 
                              f"{_few(sorted(keys - set(state)))}, unexpected keys {_few(sorted(set(state) - keys))}")
     except (ValueError, KeyError, RuntimeError) as e:
         raise FormatError(f"{path}: {_msg(e)}") from None
-    model.eval()
-    if dense:
-        from .nn.modules import dequantize_
-
-        dequantize_(model)
-    return model.to(map_location)
+    return model.eval()
 
 
 def update_metadata(path: str | Path, updates: dict) -> None:
