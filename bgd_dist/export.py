@@ -156,6 +156,10 @@ def export_file(src: str | Path, fmt: str, out: str | Path, input_size: tuple[in
     elif fmt == "safetensors":
         save_safetensors(out, dense, _metadata_strings(header))
     else:
+        if (metadata.get("preprocessing") or {}).get("applied_by_the_model"):
+            raise ValueError(f"{src}: the ONNX export takes models whose input is one (N, C, H, W) image batch "
+                             f"(classifiers); this model takes a list of images (detection): export it with "
+                             f"--format torchscript")
         try:
             example = example_input(metadata, input_size)
         except ValueError as e:

@@ -142,6 +142,9 @@ def test_onnx_needs_an_input_size(saved, tmp_path):
         export_file(path, "onnx", tmp_path / "m.onnx")
     assert main(["export", str(path), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
     assert not (tmp_path / "m.onnx").exists()
+    update_metadata(path, {"preprocessing": {"image": "a list of images", "applied_by_the_model": True}})
+    with pytest.raises(ValueError, match=r"bare\.bgd.*list of images.*--format torchscript"):
+        export_file(path, "onnx", tmp_path / "m.onnx")
 
 
 def test_failed_export_leaves_nothing(saved, tmp_path, monkeypatch):
