@@ -60,6 +60,14 @@ def random_compressed(arch: str, pipeline: str, seed: int = 0):
     return quantize_(model, plan, codebooks), plan
 
 
+def _digest(tensors: dict) -> str:
+    """sha256 of the tensors' bytes in key order (safetensors keeps no checksum of its own)."""
+    sha = hashlib.sha256()
+    for key in sorted(tensors):
+        sha.update(tensors[key].numpy().tobytes())
+    return sha.hexdigest()
+
+
 def save_codes_safetensors(path: Path, model, plan: Plan, arch: dict) -> None:
     """The candidate container: codes as small integer tensors, the rest at its dtype."""
     from safetensors.torch import save
@@ -73,7 +81,7 @@ def save_codes_safetensors(path: Path, model, plan: Plan, arch: dict) -> None:
         elif layer in pq and part == "assignments":
             value = value.to(torch.uint8 if pq[layer].n_centroids <= 256 else torch.int16)  # int16: read unsigned
         tensors[key] = value.contiguous()
-    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors.values())).hexdigest()
+    digest = _digest(tensors)
     metadata = {"format": "bgd-model", "arch": json.dumps(arch), "plan": json.dumps(plan.to_dict()),
                 "metadata": "{}", "sha256": digest}
     atomic_write_bytes(path, save(tensors, metadata=metadata))
@@ -85,7 +93,7 @@ def load_codes_safetensors(path: Path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         state = {k: f.get_tensor(k) for k in f.keys()}
-    if hashlib.sha256(b"".join(t.numpy().tobytes() for t in state.values())).hexdigest() != meta["sha256"]:
+    if _digest(state) != meta["sha256"]:
         raise ValueError(f"{path}: checksum mismatch")
     for key, value in state.items():
         if key.endswith(".assignments"):

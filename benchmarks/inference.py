@@ -11,7 +11,7 @@ same weights. Runs alternate between the models; each figure is the median of
 ``--repeats`` runs after ``--warmup`` runs; the ratio is compressed / dense.
 Also checks that the outputs are identical.
 
-    python -m benchmarks.inference [--archs resnet18 resnet50] [--batches 1 8] [--repeats 7] [--lean]
+    python -m benchmarks.inference [--archs resnet18 resnet50] [--batches 1 8] [--repeats 9] [--lean]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import yaml
 from bgd_dist.config import QuantizeConfig, from_mapping
 from bgd_dist.core.kmeans import fit_codebook
 from bgd_dist.fileformat import load_compressed, save_compressed
-from bgd_dist.nn.modules import quantize_, set_weight_cache
+from bgd_dist.nn.modules import pq_layers, quantize_, set_weight_cache
 from bgd_dist.plan import build_plan
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
@@ -76,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", choices=["small", "large"], default="small", help="the paper pipeline's plan")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--size", type=int, default=224, help="input side")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--n-iter", type=int, default=2, help="k-means iterations of the quick quantization")
     p.add_argument("--threads", type=int, default=1)
@@ -116,6 +116,18 @@ def main(args) -> list[dict]:
                 line += f"; lean (decode per call) ratio {row['lean_ratio']:.3f}"
             print(line + f"; identical outputs: {same}", flush=True)
             rows.append(row)
+        layers = list(pq_layers(loaded).values())
+        lookups = 200
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(lookups):
+                for layer in layers:
+                    layer.weight
+        overhead = (time.perf_counter() - start) / lookups
+        first = next(r for r in rows if r["arch"] == arch)
+        print(f"{arch:<9} cache lookups: {1e6 * overhead / len(layers):.1f} us per layer, {1e3 * overhead:.2f} ms "
+              f"per forward ({len(layers)} layers) = {100 * overhead / (1e-3 * first['dense_ms']):.2f}% of the dense "
+              f"forward at batch {first['batch']}", flush=True)
     worst = max(r["ratio"] for r in rows)
     print(f"worst ratio {worst:.3f} ({'<=' if worst <= 1.05 else '>'} 1.05)")
     return rows
