@@ -16,7 +16,7 @@ from bgd_dist.cli import main
 from bgd_dist.export import FORMATS, export_file, load_safetensors_metadata, to_dense
 from bgd_dist.fileformat import FormatError, format_inspect, inspect_file, read_header, save_compressed, \
     update_metadata
-from bgd_dist.nn.modules import PQLayer, pq_layers
+from bgd_dist.nn.modules import pq_layers
 from test_fileformat import ARCH18, SMALL_RULES, random_student
 
 SIZE = 32
