@@ -34,6 +34,11 @@ class Evaluator(Protocol):
     def write_results(self, path: str | Path) -> Path | None: ...
 
 
+class DataError(RuntimeError):
+    """Input data that cannot be used (an unreadable image, ...); the message names the file. The
+    executors pass its message on as it is (no remote traceback)."""
+
+
 class EvaluatorBase:
     """The default of the evaluator's optional hook: ``write_results(path)`` writes the merged
     predictions to ``path`` (the COCO evaluator writes a results json) or nothing (None)."""
@@ -68,12 +73,14 @@ class Adapter(Protocol):
       phase trains BN statistics); default ``model.train(train)``.
     - ``data_fingerprint()``: what identifies the data for ``--resume`` (JSON-able);
       default the resolved data section.
+    - ``skipped_items()``: the files this process left out as unreadable so far
+      (``data.on_bad_image: skip``); default none.
     - ``preprocessing()`` and ``class_names()``: what the compressed file records for a
       deployer; default None.
 
     Which items (and augmentation seeds) a shard of each stream gets is
     :mod:`bgd_dist.sharding`'s rule; an adapter maps them to batches.
-    :class:`AdapterBase` provides the defaults of the last four hooks.
+    :class:`AdapterBase` provides the defaults of the last five hooks.
     """
 
     def build_model(self) -> nn.Module: ...
@@ -92,6 +99,7 @@ class Adapter(Protocol):
     def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[Any]: ...
     def set_train_mode(self, model: nn.Module, train: bool) -> None: ...
     def data_fingerprint(self) -> Any: ...
+    def skipped_items(self) -> list[str]: ...
 
 
 class AdapterBase:
@@ -106,6 +114,9 @@ class AdapterBase:
         from .config import to_mapping
 
         return to_mapping(self.data) if dataclasses.is_dataclass(self.data) else self.data
+
+    def skipped_items(self) -> list[str]:
+        return []
 
     def preprocessing(self) -> dict | None:
         """What a deployer does to an input before the network, recorded in the compressed file

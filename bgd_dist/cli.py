@@ -80,6 +80,14 @@ def format_size_table(report, title: str = "") -> str:
     return "\n".join(rows)
 
 
+def cmd_status(args) -> int:
+    from .status import format_status, run_status
+
+    st = run_status(args.run_dir)
+    print(json.dumps(st, indent=1, default=float) if args.json else format_status(st))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .fileformat import format_inspect, inspect_file
 
@@ -120,9 +128,12 @@ def cmd_quantize(args) -> int:
     cfg = load_pipeline(args.pipeline, overrides)
     executor = make_executor(cfg, kind=args.executor, address=args.address)
     out = args.out or f"runs/{cfg.name}"
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        report = run(cfg, out, executor, resume=args.resume, do_eval=not args.no_eval,
-                     progress=not args.no_progress)
+        with logging_redirect_tqdm():   # log lines print above the progress bars, not through them
+            report = run(cfg, out, executor, resume=args.resume, do_eval=not args.no_eval,
+                         progress=not args.no_progress)
     finally:
         executor.close()
     print(format_report(report))
@@ -240,6 +251,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a shortened configuration (tests)")
     p.add_argument("--executor", choices=["ray", "serial"], default="ray")
     p.set_defaults(func=_run_external("detection.demo:demo_main"))
+
+    p = sub.add_parser("status", help="where a run is (stage, phase, step, loss, ETA, size, restarts), "
+                                      "from its run directory alone")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("inspect", help="describe a compressed model file")
     p.add_argument("file")

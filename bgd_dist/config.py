@@ -267,6 +267,14 @@ class GlobalConfig(_PhaseConfig):
     batch_size: int = 128
     lr_reference_batch: int | None = None
     lr_scaling: str = "linear"
+    folded_bn: str = "eval"           # BN layers found folded at plan time: eval | unfold | train
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .batchnorm import FOLDED_BN_MODES
+
+        if self.folded_bn not in FOLDED_BN_MODES:
+            raise ValueError(f"folded_bn: unknown mode {self.folded_bn!r}; expected one of {FOLDED_BN_MODES}")
 
 
 @dataclass(frozen=True)
@@ -274,6 +282,27 @@ class FinetuneConfig:
     _aliases = {"global": "global_"}
     layerwise: LayerwiseConfig = LayerwiseConfig()
     global_: GlobalConfig = GlobalConfig()
+    checkpoint_every: int = 500       # distillation steps between phase checkpoints (resume, worker replacement)
+    # divergence guard: a phase whose loss turns non-finite, or whose mean loss over a checkpoint
+    # interval rises above divergence_factor x its starting loss (0: off), is stopped; its centroids
+    # go back to where the phase started and it is retried at lr x lr_backoff (at most max_lr_retries
+    # times), or the run fails with a one-line message (on_divergence: fail)
+    divergence_factor: float = 10.0
+    on_divergence: str = "retry_lower_lr"
+    max_lr_retries: int = 2
+    lr_backoff: float = 0.1
+
+    def __post_init__(self):
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every: must be >= 1, got {self.checkpoint_every}")
+        if self.on_divergence not in ("retry_lower_lr", "fail"):
+            raise ValueError(f"on_divergence: unknown action {self.on_divergence!r}; expected retry_lower_lr or fail")
+        if self.divergence_factor < 0 or self.divergence_factor != self.divergence_factor:
+            raise ValueError(f"divergence_factor: must be >= 0 (0: no check), got {self.divergence_factor}")
+        if self.max_lr_retries < 0:
+            raise ValueError(f"max_lr_retries: must be >= 0, got {self.max_lr_retries}")
+        if not 0 < self.lr_backoff < 1:
+            raise ValueError(f"lr_backoff: must be in (0, 1), got {self.lr_backoff}")
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .core.stats import merge_all, stats_from_state
-from .finetune import PhaseSpec
-from .messages import CollectRequest, CollectResult, DistillResult, FitJob, FitResult, ShardStats
+from .finetune import PhaseSpec, PhaseState, combine
+from .messages import CollectRequest, CollectResult, FitJob, FitResult, ShardStats
 from .worker import Worker, run_fit
 
 
@@ -40,16 +40,28 @@ class Executor:
         """``{name: FitResult}`` for every job, in the jobs' order (``progress`` after each fit)."""
         raise NotImplementedError
 
-    def distill(self, spec: PhaseSpec) -> DistillResult:
-        """A distillation phase on the workers' students (losses averaged over the workers)."""
+    #: how many workers share a distillation phase (the BN buffer sets a phase checkpoint holds)
+    distill_world: int = 1
+
+    def distill(self, spec: PhaseSpec, state: PhaseState | None = None, stop: int | None = None,
+                progress: Callable[[int, float], None] | None = None,
+                on_event: Callable[..., None] | None = None) -> PhaseState:
+        """Steps ``state.step`` (0 without a state) to ``stop`` (the end) of a distillation phase on
+        the workers' students: the state after ``stop`` (losses averaged over the workers).
+        ``progress(step, loss)`` as the workers go; ``on_event(name, **fields)`` for recoveries."""
         raise NotImplementedError
 
     def load_compressed(self, path: str) -> None:
         """Make the compressed file at ``path`` every worker's student."""
         raise NotImplementedError
 
-    def evaluate(self, which: str, max_images: int | None) -> list:
-        """Evaluator states of every evaluation shard (``which``: teacher or student)."""
+    def evaluate(self, which: str, max_images: int | None, progress: Callable[[int], None] | None = None) -> list:
+        """Evaluator states of every evaluation shard (``which``: teacher or student);
+        ``progress(1)`` as each shard finishes."""
+        raise NotImplementedError
+
+    def skipped_items(self) -> list[str]:
+        """The input files the workers left out as unreadable, sorted, each once."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -101,11 +113,19 @@ class SerialExecutor(Executor):
                 progress(out[job.name])
         return out
 
-    def distill(self, spec: PhaseSpec) -> DistillResult:
-        return self.worker.distill(spec, 0, 1)
+    def distill(self, spec, state=None, stop=None, progress=None, on_event=None) -> PhaseState:
+        return combine(state, [self.worker.distill(spec, 0, 1, state, stop, progress)])
 
     def load_compressed(self, path: str) -> None:
         self.worker.load_compressed(path)
 
-    def evaluate(self, which, max_images) -> list:
-        return [self.worker.evaluate(which, shard, self.num_shards, max_images) for shard in range(self.num_shards)]
+    def skipped_items(self) -> list[str]:
+        return sorted(set(self.worker.skipped_items()))
+
+    def evaluate(self, which, max_images, progress=None) -> list:
+        out = []
+        for shard in range(self.num_shards):
+            out.append(self.worker.evaluate(which, shard, self.num_shards, max_images))
+            if progress:
+                progress(1)
+        return out

@@ -103,13 +103,5 @@ class FitResult:
 
 
 # -- distillation -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistillResult:
-    """A distillation phase's outcome: the trained centroids ``{layer: tensor}``, the BN buffers
-    (global phase only, else None), the loss per iteration (averaged over the workers) and the
-    seconds it took."""
-
-    centroids: dict
-    losses: list
-    seconds: float
-    buffers: dict | None = None
+# A distillation phase crosses the executor boundary as bgd_dist.finetune.PhaseSpec (what to run)
+# and bgd_dist.finetune.PhaseState (where a piece of it ended: centroids, momentum, BN buffers, losses).

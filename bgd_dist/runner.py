@@ -18,6 +18,7 @@ seeds) and, per stage, a :class:`Stage` that the steps below fill in turn::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import json
 import logging
@@ -27,18 +28,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .adapters import check_architecture, make_adapter, plan_for
 from .config import PipelineConfig
 from .core.sizing import MB, size_report
 from .core.stats import HessianStats, memory_groups
 from .executor import Executor, SerialExecutor
-from .finetune import global_spec, layerwise_spec
+from .finetune import Diverged, PhaseSpec, PhaseState, check_divergence, global_spec, layerwise_spec
 from .io import atomic_write_text
-from .messages import CollectRequest, DistillResult, FitJob, FitResult, FitSettings, LayerRequest
+from .messages import CollectRequest, FitJob, FitResult, FitSettings, LayerRequest
 from .nn.modules import get_submodule, pq_layers, quantize_
 from .objectives import Objective, resolve
+from .phases import checkpoint_path, run_phase
+from .plots import LossPlot
+from .progress import bar as progress_bar
 from .plan import LayerPlan, Plan
 from .rundir import (MANIFEST_VERSION, JsonlLog, Manifest, codebooks_from, fingerprinted_config,  # noqa: F401
                      load_stage, load_stage_stats, run_fingerprint, save_stage, save_stage_stats, tensor_digest)
@@ -47,6 +50,10 @@ from .seeds import Seeds
 from .student import student_state
 
 log = logging.getLogger("bgd.runner")
+
+
+class DistillationDiverged(RuntimeError):
+    """A distillation phase diverged and was not (or no longer) retried; the message is one line."""
 
 
 class InjectedFailure(RuntimeError):
@@ -102,6 +109,9 @@ class Run:
     quantized_bytes: float = 0.0
     metrics_before: dict | None = None
     metrics_after: dict | None = None
+    folded_bn: list[str] = field(default_factory=list)   # BatchNorm layers found folded at plan time
+    plot: LossPlot | None = None            # losses.png, refreshed at distillation checkpoints
+    skipped_items: list = field(default_factory=list)     # unreadable input files left out (on_bad_image: skip)
 
     @classmethod
     def open(cls, cfg: PipelineConfig, out_dir: str | Path, resume: bool, progress: bool) -> "Run":
@@ -125,6 +135,7 @@ class Run:
                 r.log.write("plan_recomputed", reason=problem)
         r.plan = Plan.load(r.plan_path) if r.planned else plan_for(cfg, teacher, adapter)
         r.student = copy.deepcopy(teacher)
+        r.plot = LossPlot(out)
         return r
 
     @property
@@ -137,9 +148,47 @@ class Run:
 
     def stages(self):
         sizes = self.layer_sizes
-        for s, names in enumerate(tqdm(self.plan.stages, desc="stages", unit="stage", disable=not self.progress)):
-            yield Stage(s, len(self.plan.stages), [self.plan.layer(n) for n in names],
-                        self.out / "stages" / str(s), {n: sizes[n] for n in names})
+        with progress_bar(len(self.plan.stages), "stages", "stage", self.progress) as bar:
+            for s, names in enumerate(self.plan.stages):
+                yield Stage(s, len(self.plan.stages), [self.plan.layer(n) for n in names],
+                            self.out / "stages" / str(s), {n: sizes[n] for n in names})
+                bar.update(1)
+
+    def distill(self, spec: PhaseSpec, stage: int | None = None) -> PhaseState:
+        """A distillation phase on the workers (who hold the driver's student), in pieces of
+        ``finetune.checkpoint_every`` steps, each checkpointed, continuing from the phase's
+        checkpoint when there is one (:mod:`bgd_dist.phases`); the result is copied into the student."""
+        f = self.cfg.finetune
+        where = ("global distillation" if stage is None
+                 else f"layer-wise distillation of stage {stage + 1}/{len(self.plan.stages)}")
+        for attempt in range(f.max_lr_retries + 1):
+            log.info("%s distillation%s: %d steps, batch %d, lr %g", spec.name,
+                     "" if stage is None else f" of stage {stage + 1}", spec.iterations, spec.batch_size, spec.lr)
+            self.log.write("phase_lr", phase=spec.name, stage=stage, lr=spec.lr, batch_size=spec.batch_size,
+                           attempt=attempt)
+            self.ship_student()   # the phase's start: also what a diverged attempt goes back to
+            path = checkpoint_path(self.out, spec, stage)
+            try:
+                result = run_phase(self.executor, spec, path, f.checkpoint_every, self.student, self.log.write,
+                                   stage=stage, show=self.progress, on_checkpoint=self.plot.refresh,
+                                   guard=lambda sp, st, first: check_divergence(sp, st, f.divergence_factor, first))
+            except Diverged as e:
+                retry = f.on_divergence == "retry_lower_lr" and attempt < f.max_lr_retries
+                self.log.write("divergence", phase=spec.name, stage=stage, step=e.step, lr=e.lr, loss=e.loss,
+                               reason=e.reason, action="retry" if retry else "fail", attempt=attempt)
+                message = f"{where} diverged at step {e.step} with lr {e.lr:g}: {e.reason}"
+                if not retry:
+                    tried = f" after {attempt} retr{'y' if attempt == 1 else 'ies'} at lower rates" if attempt else ""
+                    raise DistillationDiverged(f"{message}{tried}; lower finetune.{spec.name}.lr (or its batch "
+                                               f"size) and resume with --resume") from None
+                log.warning("%s; its centroids go back to where the phase started and it runs again with lr %g",
+                            message, spec.lr * f.lr_backoff)
+                path.unlink(missing_ok=True)
+                spec = dataclasses.replace(spec, lr=spec.lr * f.lr_backoff)
+                continue
+            apply_distillation(self.student, result)
+            return result
+        raise AssertionError("unreachable")
 
     def ship_student(self) -> int:
         """Make every worker's student the driver's; returns the bytes shipped."""
@@ -178,6 +227,26 @@ class Stage:
 
 
 # -- steps before the stages -----------------------------------------------------------------------
+def inspect_batchnorm(r: Run) -> None:
+    """Flag the teacher's folded BatchNorm layers (running mean 0 / variance 1 on an input that is
+    not normalised), which train-mode global distillation would destroy; say what the global
+    phase will do with them (``finetune.global.folded_bn``)."""
+    from .batchnorm import folded_batchnorms
+
+    found = folded_batchnorms(r.teacher, r.adapter.trace)
+    r.folded_bn = list(found)
+    if not found:
+        return
+    mode = r.cfg.finetune.global_.folded_bn
+    action = {"eval": "keeps them in eval mode", "unfold": "re-estimates their statistics first (unfold)",
+              "train": "trains them like any BatchNorm (they will lose their function)"}[mode]
+    log.warning("%d BatchNorm layer%s look%s folded (running mean 0 / variance 1 on an input that is not "
+                "normalised): %s; the global distillation %s (finetune.global.folded_bn = %s)", len(found),
+                "" if len(found) == 1 else "s", "s" if len(found) == 1 else "", ", ".join(found), action, mode)
+    r.log.write("folded_bn", layers=found, mode=mode)
+    r.report["folded_bn"] = {"layers": list(found), "mode": mode}
+
+
 def allocate(r: Run) -> None:
     """``quantize.target_mb``: choose every layer's (d, K) (``allocation.json``), then save the plan.
     A plan read back on resume is kept as it is."""
@@ -197,11 +266,12 @@ def allocate(r: Run) -> None:
 
 
 def evaluate(executor: Executor, adapter, which: str, max_images: int | None,
-             results_path: str | Path | None = None) -> dict:
+             results_path: str | Path | None = None, progress: bool = False) -> dict:
     """Evaluate the workers' teacher or student on every shard, merge, score once; the
     evaluator also writes its predictions to ``results_path`` if it has any to write (COCO)."""
     evaluator = adapter.evaluator()
-    evaluator.merge(executor.evaluate(which, max_images))
+    with progress_bar(executor.num_shards, f"eval {which}", "shard", progress) as bar:
+        evaluator.merge(executor.evaluate(which, max_images, progress=bar.update))
     metrics = evaluator.result()
     if results_path is not None:
         evaluator.write_results(results_path)
@@ -216,7 +286,8 @@ def evaluate_model(r: Run, which: str) -> dict:
             from .fileformat import load_compressed
 
             r.executor.load_student(student_state(load_compressed(r.out / "model.bgd")))
-        metrics = evaluate(r.executor, r.adapter, which, r.cfg.eval.max_images, r.out / f"detections_{which}.json")
+        metrics = evaluate(r.executor, r.adapter, which, r.cfg.eval.max_images, r.out / f"detections_{which}.json",
+                           r.progress)
     log.info("%s: %s", which, metrics)
     r.log.write("eval", model=which, metrics=metrics)
     return metrics
@@ -260,8 +331,8 @@ def collect(r: Run, st: Stage) -> None:
         if not any(o.needs_calibration for o in st.objectives.values()):
             return
         passes = collect_groups(requests, q.hessian.max_mb * MB)
-        with tqdm(total=q.n_calibration * len(passes), desc=f"collect {st.index}", unit="img", leave=False,
-                  disable=not r.progress) as bar:
+        with progress_bar(q.n_calibration * len(passes), f"collect {st.index}", "img", r.progress,
+                          leave=False) as bar:
             for group in passes:   # several passes only when the stage's Hessians exceed max_mb
                 part = r.executor.collect(CollectRequest(group, q.n_calibration, q.batch_size,
                                                          r.seeds.collect(st.index)), progress=bar.update)
@@ -289,8 +360,7 @@ def fit(r: Run, st: Stage) -> None:
             weight = get_submodule(r.student, l.name).weight.detach().cpu()
             jobs.append(FitJob(l.name, weight, l.geometry, metric, l.n_centroids, l.block_size,
                                seed=r.seeds.fit(l), objective=st.objectives[l.name].name, settings=settings))
-        with tqdm(total=len(jobs), desc=f"fit {st.index}", unit="layer", leave=False,
-                  disable=not r.progress) as bar:
+        with progress_bar(len(jobs), f"fit {st.index}", "layer", r.progress, leave=False) as bar:
             st.fitted = r.executor.fit(jobs, progress=lambda result: bar.update())
 
 
@@ -316,9 +386,7 @@ def distill_stage(r: Run, st: Stage) -> None:
     if not (cfg.enabled and cfg.iterations > 0):
         return
     with r.timers("layerwise"):
-        r.ship_student()
-        result = r.executor.distill(layerwise_spec(cfg, st.names, seed=r.seeds.layerwise(st.index)))
-        apply_distillation(r.student, result)
+        result = r.distill(layerwise_spec(cfg, st.names, seed=r.seeds.layerwise(st.index)), st.index)
     st.losses = result.losses
     log.info("%s layer-wise distillation: %d it, loss %.4f -> %.4f", st.label, len(st.losses), st.losses[0],
              st.losses[-1])
@@ -334,6 +402,7 @@ def checkpoint(r: Run, st: Stage) -> None:
             "loss_start": st.losses[0] if st.losses else None, "loss_end": st.losses[-1] if st.losses else None}
     r.report["stages"].append(info)
     r.log.write("stage", **info)
+    (st.dir / "distill.pt").unlink(missing_ok=True)   # the stage file now holds the distilled codebooks
 
 
 # -- the steps after the stages --------------------------------------------------------------------
@@ -342,14 +411,54 @@ def global_distillation(r: Run) -> None:
     cfg = r.cfg.finetune.global_
     if not (cfg.enabled and cfg.epochs * cfg.iterations_per_epoch):
         return
+    keep_eval = r.folded_bn if cfg.folded_bn == "eval" else []
     with r.timers("global"):
-        r.ship_student()
-        result = r.executor.distill(global_spec(cfg, seed=r.seeds.global_()))
-        apply_distillation(r.student, result)
+        if r.folded_bn and cfg.folded_bn == "unfold":
+            unfold_folded_batchnorms(r)
+        result = r.distill(global_spec(cfg, seed=r.seeds.global_(), eval_modules=keep_eval))
     log.info("global distillation: %d it, loss %.4f -> %.4f", len(result.losses), result.losses[0],
              result.losses[-1])
     r.log.write("global", losses_start=result.losses[0], losses_end=result.losses[-1],
                 iterations=len(result.losses))
+
+
+def unfold_folded_batchnorms(r: Run) -> None:
+    """Re-estimate the folded BatchNorm layers' running statistics on the calibration images (the
+    workers' per-channel input moments on the current student) and rescale their affine
+    parameters so that each layer's eval-mode output is unchanged (checked on inputs drawn with
+    the measured moments)."""
+    from .batchnorm import unfold_batchnorm
+
+    q = r.cfg.quantize
+    r.ship_student()
+    requests = tuple(LayerRequest(n, None, 1, "channel_moments") for n in r.folded_bn)
+    moments = r.executor.collect(CollectRequest(requests, q.n_calibration, q.batch_size, r.seeds.unfold())).stats
+    worst = 0.0
+    for name in r.folded_bn:
+        bn = get_submodule(r.student, name)
+        before = copy.deepcopy(bn).eval()
+        mean, var = moments[name].mean_var()
+        unfold_batchnorm(bn, mean, var)
+        per_channel = (1, -1) + (1,) * _spatial_dims(bn)
+        noise = torch.randn((8, len(mean)) + (4,) * _spatial_dims(bn), generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float64)
+        x = (noise * var.sqrt().view(per_channel) + mean.view(per_channel)).to(bn.weight.dtype)
+        with torch.no_grad():
+            expected, got = before(x), bn.eval()(x)
+        error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+        if error > 1e-4:
+            raise RuntimeError(f"unfolding BatchNorm {name!r} changed its eval-mode output (relative error "
+                               f"{error:.2e}); set finetune.global.folded_bn=eval")
+        worst = max(worst, error)
+    log.info("unfolded %d BatchNorm layer%s on %d calibration images (eval-mode outputs unchanged, largest "
+             "relative difference %.1e)", len(r.folded_bn), "" if len(r.folded_bn) == 1 else "s", q.n_calibration,
+             worst)
+    r.log.write("unfold_bn", layers=r.folded_bn, max_relative_error=worst)
+
+
+def _spatial_dims(bn: nn.Module) -> int:
+    """How many spatial dimensions a BatchNorm's input has (BatchNorm1d: 0, 2d: 2, 3d: 3)."""
+    return {"BatchNorm1d": 0, "BatchNorm2d": 2, "BatchNorm3d": 3}.get(type(bn).__name__, 2)
 
 
 def export(r: Run) -> None:
@@ -377,10 +486,15 @@ def write_report(r: Run) -> dict:
         "uncompressed_mb": uncompressed.uncompressed_mb, "compressed_mb": sizes.compressed_mb,
         "ratio": sizes.ratio, "file_bytes": (r.out / "model.bgd").stat().st_size,
         "metrics_before": r.metrics_before, "metrics_after": r.metrics_after,
-        "seconds": r.timers.total(),
+        "skipped_images": len(r.skipped_items), "seconds": r.timers.total(), "numerics": numerics(),
     })
+    if r.skipped_items:
+        log.warning("%d unreadable input files were left out (data.on_bad_image: skip); log.jsonl lists them",
+                    len(r.skipped_items))
+        r.log.write("skipped_images", files=r.skipped_items)
     atomic_write_text(r.out / "report.json", json.dumps(r.report, indent=1, default=float))
     r.log.write("report", **r.report)
+    r.plot.refresh(force=True)
     return r.report
 
 
@@ -412,6 +526,7 @@ def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress) ->
     try:
         r.executor.start(cfg.model, cfg.data)
         allocate(r)
+        inspect_batchnorm(r)
         if do_eval:
             r.metrics_before = evaluate_model(r, "teacher")
         for st in r.stages():
@@ -428,10 +543,19 @@ def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress) ->
         export(r)
         if do_eval:
             r.metrics_after = evaluate_model(r, "student")
+        r.skipped_items = r.executor.skipped_items()
     finally:
         if own_executor:
             r.executor.close()
     return write_report(r)
+
+
+def numerics() -> dict:
+    """What the float results depend on besides the configuration: the same pipeline writes the same
+    bytes for the same torch version, CPU vector instruction set and thread settings, and rounds
+    differently on another CPU type (e.g. AVX2 vs AVX-512 kernels)."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "driver_threads": torch.get_num_threads()}
 
 
 def round_centroids_fp16(model: nn.Module) -> None:
@@ -440,13 +564,14 @@ def round_centroids_fp16(model: nn.Module) -> None:
             layer.centroids.copy_(layer.centroids.half().to(layer.centroids.dtype))
 
 
-def apply_distillation(student: nn.Module, result: DistillResult) -> None:
-    """Copy a distillation result's centroids (and BN buffers) into the driver's student."""
+def apply_distillation(student: nn.Module, result: PhaseState) -> None:
+    """Copy a distillation result's centroids (and, after the global phase, rank 0's BN buffers)
+    into the driver's student."""
     layers = pq_layers(student)
     with torch.no_grad():
         for name, c in result.centroids.items():
             layers[name].centroids.copy_(c)
-        if result.buffers is not None:
+        if result.buffers:
             buffers = dict(student.named_buffers())
-            for k, v in result.buffers.items():
+            for k, v in result.buffers[0].items():
                 buffers[k].copy_(v)

@@ -25,6 +25,10 @@ class Seeds:
         """The calibration images of the size allocation (``quantize.target_mb``)."""
         return self.base * 1000 + 777
 
+    def unfold(self) -> int:
+        """The calibration images on which folded BatchNorm layers are re-estimated."""
+        return self.base * 1000 + 888
+
     def fit(self, layer) -> int:
         """The k-means initialisation of a layer (a plan entry)."""
         return self.base + layer.order

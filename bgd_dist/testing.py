@@ -38,10 +38,13 @@ class ToyNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def toy_convnet(width: int = 16, num_classes: int = 10, seed: int = 0, poison: str | None = None) -> nn.Module:
+def toy_convnet(width: int = 16, num_classes: int = 10, seed: int = 0, poison: str | None = None,
+                folded_bn: bool = False) -> nn.Module:
     """A seeded ToyNet with BN statistics of the synthetic data, in eval mode.
 
-    ``poison``: a layer whose weight gets a NaN (tests of bad-input errors).
+    ``poison``: a layer whose weight gets a NaN (tests of bad-input errors). ``folded_bn``: the
+    BN statistics folded into the affine parameters (running mean 0, variance 1; same eval-mode
+    function), as some imported checkpoints are.
     """
     gen = torch.Generator().manual_seed(seed)
     model = ToyNet(width, num_classes)
@@ -61,6 +64,12 @@ def toy_convnet(width: int = 16, num_classes: int = 10, seed: int = 0, poison: s
                 m.num_batches_tracked.zero_()
         if poison:
             model.get_submodule(poison).weight.view(-1)[0] = float("nan")
+    if folded_bn:
+        from .batchnorm import fold_batchnorm
+
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                fold_batchnorm(m)
     return model.eval()
 
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import datetime
 import time
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .adapters import make_adapter
 from .core.stats import make_stats
-from .finetune import PhaseSpec, distill
-from .messages import CollectRequest, DistillResult, FitJob, FitResult, ShardStats
-from .nn.modules import get_submodule, pq_layers
+from .finetune import PhaseSpec, PhaseState, distill
+from .messages import CollectRequest, FitJob, FitResult, ShardStats
+from .nn.modules import get_submodule
 from .objectives import objective
 from .student import load_student
 
@@ -50,6 +51,7 @@ class Worker:
         self.teacher = self.adapter.build_model().to(self.device).eval()
         self.student: nn.Module | None = None
         self.rank, self.world = 0, 1
+        self._stream = None   # (phase key, next step, iterator) of the distillation stream in progress
 
     def ping(self) -> bool:
         return True
@@ -88,6 +90,10 @@ class Worker:
                 h.remove()
         return ShardStats({n: s.state() for n, s in stats.items()}, seen, time.perf_counter() - start)
 
+    def skipped_items(self) -> list[str]:
+        """The input files this worker's adapter left out as unreadable (``data.on_bad_image: skip``)."""
+        return self.adapter.skipped_items()
+
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, which: str, shard: int, n_shards: int, max_images: int | None):
@@ -125,9 +131,12 @@ class Worker:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def distill(self, spec: PhaseSpec, rank: int = 0, world: int = 1) -> DistillResult:
-        """This worker's share of a distillation phase; returns the trained centroids (and, for
-        the global phase, the BN buffers) so the driver can update its student."""
+    def distill(self, spec: PhaseSpec, rank: int = 0, world: int = 1, state: PhaseState | None = None,
+                stop: int | None = None, progress: Callable[[int, float], None] | None = None) -> PhaseState:
+        """This worker's share of steps ``state.step`` (0) to ``stop`` (the end) of a distillation
+        phase. Step k's batch is a function of (seed, k) alone, so the phase can be run in pieces,
+        and resumed from any piece's state, with the same result. Returns the state after
+        ``stop`` with this worker's BN buffers and local losses (the executor combines ranks)."""
         if self.student is None:
             raise RuntimeError("distill called before load_student")
         if spec.batch_size % world:
@@ -135,16 +144,19 @@ class Worker:
                              f"{world} workers")
         if world > 1 and (self.world != world or self.rank != rank):
             raise RuntimeError(f"worker expected in a group of {world} as rank {rank}; call setup_group first")
-        start = time.perf_counter()
-        batches = self.adapter.train_batches(rank, world, spec.batch_size // world, spec.seed)
+        start = state.step if state is not None else 0
+        stop = spec.iterations if stop is None else min(stop, spec.iterations)
+        # the training stream continues from the previous piece when it ended where this one starts
+        # (no loader restart per checkpoint); otherwise it starts at ``start`` (same batches either way)
+        key = (spec.name, spec.layers, spec.seed, spec.batch_size, rank, world)
+        if self._stream is not None and self._stream[:2] == (key, start):
+            batches = self._stream[2]
+        else:
+            batches = iter(self.adapter.train_batches(rank, world, spec.batch_size // world, spec.seed,
+                                                      start_step=start))
+        self._stream = None   # a piece that fails leaves the stream at an unknown step
         device_batches = (self.adapter.to_device(b, self.device) for b in batches)
-        losses = distill(self.student, self.teacher, self.adapter, spec, device_batches,
-                         self._reduce_grads if world > 1 else None)
-        layers = pq_layers(self.student)
-        names = list(spec.layers) if spec.layers is not None else list(layers)
-        buffers = None
-        if spec.train_mode:
-            buffers = {k: v.detach().cpu() for k, v in self.student.named_buffers()
-                       if not k.endswith((".assignments", ".counts"))}
-        return DistillResult({n: layers[n].centroids.detach().cpu() for n in names}, losses,
-                             time.perf_counter() - start, buffers)
+        result = distill(self.student, self.teacher, self.adapter, spec, device_batches,
+                         self._reduce_grads if world > 1 else None, progress, state, stop, rank)
+        self._stream = (key, stop, batches) if stop < spec.iterations else None
+        return result

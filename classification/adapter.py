@@ -44,6 +44,7 @@ class ClassificationData:
     num_workers: int = 0              # DataLoader worker processes per engine worker
     eval_batch_size: int = 64
     example_size: int = 224           # input size of the tracing example
+    on_bad_image: str = "fail"        # an unreadable image: fail (naming it) | skip (log it, count it in the report)
 
     def __post_init__(self):
         if self.image_size < 1 or self.resize < self.image_size:
@@ -51,6 +52,8 @@ class ClassificationData:
                              f"resize={self.resize}")
         if self.num_workers < 0 or self.eval_batch_size < 1:
             raise ValueError("num_workers must be >= 0 and eval_batch_size >= 1")
+        if self.on_bad_image not in ("fail", "skip"):
+            raise ValueError(f"on_bad_image: expected fail or skip, got {self.on_bad_image!r}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
 
@@ -108,6 +111,7 @@ class ClassificationAdapter(ClassifierAdapter):
         self.data = from_mapping(ClassificationData, data_config or {}, "data")
         self._train = None
         self._val = None
+        self._skipped: set[str] = set()
 
     # -- models ---------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -163,14 +167,16 @@ class ClassificationAdapter(ClassifierAdapter):
         if self._train is None:
             root = require(self.data.train, "data.train")
             samples, _ = list_images(root, "data.train", labelled=False)
-            self._train = SeededImages([(p, -1) for p, _ in samples], self.train_transform())
+            self._train = SeededImages([(p, -1) for p, _ in samples], self.train_transform(),
+                                       skip_bad=self.data.on_bad_image == "skip")
         return self._train
 
     def val_set(self) -> SeededImages:
         if self._val is None:
             root = require(self.data.val, "data.val")
             samples, _ = list_images(root, "data.val", labelled=True)
-            self._val = SeededImages(samples, self.eval_transform(), with_labels=True)
+            self._val = SeededImages(samples, self.eval_transform(), with_labels=True,
+                                     skip_bad=self.data.on_bad_image == "skip")
         return self._val
 
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
@@ -178,17 +184,21 @@ class ClassificationAdapter(ClassifierAdapter):
         dataset = self.train_set()
         idx, seeds = calibration_items(len(dataset), shard, n_shards, n_images, seed)
         keys = list(zip(idx.tolist(), seeds.tolist()))
-        yield from loader(dataset, batches_of(keys, batch_size), self.data.num_workers)
+        yield from loader(dataset, batches_of(keys, batch_size), self.data.num_workers, self._skipped)
 
     def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int,
                       start_step: int = 0) -> Iterator[Tensor]:
         dataset = self.train_set()
         keys = (list(zip(idx.tolist(), seeds.tolist()))
                 for idx, seeds in train_items(len(dataset), shard, n_shards, batch_size, seed, start_step))
-        yield from loader(dataset, keys, self.data.num_workers)
+        yield from loader(dataset, keys, self.data.num_workers, self._skipped)
 
     def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[tuple[Tensor, Tensor]]:
         dataset = self.val_set()
         keys = eval_items(len(dataset), shard, n_shards, max_images).tolist()
-        for images, labels in loader(dataset, batches_of(keys, self.data.eval_batch_size), self.data.num_workers):
+        for images, labels in loader(dataset, batches_of(keys, self.data.eval_batch_size), self.data.num_workers,
+                                     self._skipped):
             yield images, labels
+
+    def skipped_items(self) -> list[str]:
+        return sorted(self._skipped)

@@ -19,15 +19,18 @@ are returned by the evaluation stream only.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from bgd_dist.adapters import DataError
 from bgd_dist.sharding import calibration_items, eval_items, item_seed, train_items  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,8 +77,21 @@ def list_images(root: str | Path, key: str, labelled: bool) -> tuple[list[tuple[
 
 
 def load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+    """The image at ``path`` in RGB; an unreadable, corrupt or truncated file is a
+    :class:`~bgd_dist.adapters.DataError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e}); fix or remove the file, or set "
+                        f"data.on_bad_image: skip to leave such files out") from None
+
+
+class Skipped:
+    """What :class:`SeededImages` returns for an unreadable image with ``skip_bad``."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
 
 
 class SeededImages(Dataset):
@@ -84,13 +100,16 @@ class SeededImages(Dataset):
     The transform runs with the global torch RNG forked and seeded with the
     item's seed, so torchvision's random transforms are reproducible per image
     and leave the caller's RNG untouched. Returns the image, or
-    ``(image, label)`` with ``with_labels``.
+    ``(image, label)`` with ``with_labels``; an unreadable image is an error
+    naming the file, or with ``skip_bad`` a :class:`Skipped` (see :func:`loader`).
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, with_labels: bool = False):
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, with_labels: bool = False,
+                 skip_bad: bool = False):
         self.samples = list(samples)
         self.transform = transform
         self.with_labels = with_labels
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -98,17 +117,38 @@ class SeededImages(Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, 0)
         path, label = self.samples[int(index)]
-        image = load_rgb(path)
+        try:
+            image = load_rgb(path)
+        except DataError as e:
+            if not self.skip_bad:
+                raise
+            return Skipped(path, str(e))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             x = self.transform(image)
         return (x, label) if self.with_labels else x
 
 
-def loader(dataset: Dataset, keys: Iterator[list] | list[list], num_workers: int) -> DataLoader:
-    """A DataLoader over explicit batches of keys (``batch_sampler``), in order."""
-    return DataLoader(dataset, batch_sampler=keys, num_workers=num_workers,
-                      persistent_workers=False, pin_memory=False)
+def _collate(items: list):
+    """``(batch or None, [skipped paths])``: the readable items collated, the skipped ones named."""
+    good = [x for x in items if not isinstance(x, Skipped)]
+    return (default_collate(good) if good else None), [x.path for x in items if isinstance(x, Skipped)]
+
+
+def loader(dataset: Dataset, keys: Iterator[list] | list[list], num_workers: int,
+           skipped: set | None = None) -> Iterator:
+    """Batches over explicit batches of keys (a DataLoader with ``batch_sampler``), in order.
+    Images the dataset skipped are left out of their batch (a batch of only skipped images is
+    left out), logged, and added to ``skipped``."""
+    for batch, bad in DataLoader(dataset, batch_sampler=keys, num_workers=num_workers, collate_fn=_collate,
+                                 persistent_workers=False, pin_memory=False):
+        for path in bad:
+            if skipped is None or path not in skipped:
+                log.warning("%s: unreadable image skipped (data.on_bad_image: skip)", path)
+            if skipped is not None:
+                skipped.add(path)
+        if batch is not None:
+            yield batch
 
 
 def batches_of(keys: list, batch_size: int) -> list[list]:

@@ -47,6 +47,7 @@ layers (if any; trained detectors use frozen BN) in train mode.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -57,12 +58,14 @@ from torch import Tensor, nn
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
-from bgd_dist.adapters import AdapterBase
+from bgd_dist.adapters import AdapterBase, DataError
 from bgd_dist.config import MISSING, from_mapping, require
 from bgd_dist.sharding import calibration_items, chunks, eval_items, train_items
 
 from .coco import CocoImages, category_mapping
 from .models import build_maskrcnn
+
+log = logging.getLogger(__name__)
 
 LOSSES = ("distill", "supervised", "both")
 
@@ -103,8 +106,11 @@ class DetectionData:
     category_ids: str = "auto"             # label <-> category id: auto | contiguous | identity
     loss: str = "distill"                  # distill | supervised | both
     distill: DistillSettings = field(default_factory=DistillSettings)
+    on_bad_image: str = "fail"             # an unreadable image: fail (naming it) | skip (log it, count it in the report)
 
     def __post_init__(self):
+        if self.on_bad_image not in ("fail", "skip"):
+            raise ValueError(f"on_bad_image: expected fail or skip, got {self.on_bad_image!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
         if self.category_ids not in ("auto", "contiguous", "identity"):
@@ -175,6 +181,7 @@ class MaskRCNNAdapter(AdapterBase):
         self.data = from_mapping(DetectionData, data_config or {}, "data")
         self._splits: dict[str, CocoImages] = {}
         self.last_terms: dict[str, float] = {}
+        self._skipped: set[str] = set()
 
     # -- models ---------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -275,6 +282,23 @@ class MaskRCNNAdapter(AdapterBase):
         annotations = require(self.data.val_annotations, "data.val_annotations")
         return category_mapping(annotations, self.num_classes, self.data.category_ids)
 
+    def _load(self, split: CocoImages, index: int) -> Tensor | None:
+        """Image ``index`` of ``split``; an unreadable file is a DataError naming it, or with
+        ``data.on_bad_image: skip`` None (logged once, listed by :meth:`skipped_items`)."""
+        try:
+            return split.load(index)
+        except OSError as e:
+            if self.data.on_bad_image != "skip":
+                raise DataError(f"{e}; fix or remove the file, or set data.on_bad_image: skip") from None
+            path = str(split.entries[index][1])
+            if path not in self._skipped:
+                log.warning("%s: unreadable image skipped (data.on_bad_image: skip)", path)
+                self._skipped.add(path)
+            return None
+
+    def skipped_items(self) -> list[str]:
+        return sorted(self._skipped)
+
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
                             seed: int) -> Iterator[list[Tensor]]:
         """Unlabelled training images: this shard's part of a seeded choice of ``n_images``
@@ -282,7 +306,9 @@ class MaskRCNNAdapter(AdapterBase):
         split = self._split("train")
         idx, _ = calibration_items(len(split), shard, n_shards, n_images, seed)
         for chunk in chunks(idx.tolist(), batch_size):
-            yield [split.load(i) for i in chunk]
+            images = [x for x in (self._load(split, i) for i in chunk) if x is not None]
+            if images:
+                yield images
 
     def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int,
                       start_step: int = 0) -> Iterator[Any]:
@@ -296,7 +322,9 @@ class MaskRCNNAdapter(AdapterBase):
             flip = ((seeds % 2) == 1) & self.data.hflip
             images, targets = [], []
             for i, f in zip(idx.tolist(), flip.tolist()):
-                img = split.load(i)
+                img = self._load(split, i)
+                if img is None:
+                    continue
                 target = split.target(i, cat_to_label) if labelled else None
                 if f:
                     img = img.flip(-1)
@@ -307,7 +335,8 @@ class MaskRCNNAdapter(AdapterBase):
                         target["masks"] = target["masks"].flip(-1)
                 images.append(img)
                 targets.append(target)
-            yield {"images": images, "targets": targets} if labelled else images
+            if images:
+                yield {"images": images, "targets": targets} if labelled else images
 
     def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[dict]:
         """Validation images in id order (all, or a fixed seeded subset of ``max_images``:
@@ -315,7 +344,10 @@ class MaskRCNNAdapter(AdapterBase):
         ``{"images": [...], "image_ids": [...]}``."""
         split = self._split("val")
         for chunk in chunks(eval_items(len(split), shard, n_shards, max_images).tolist(), self.data.eval_batch_size):
-            yield {"images": [split.load(i) for i in chunk], "image_ids": [split.image_id(i) for i in chunk]}
+            loaded = [(self._load(split, i), split.image_id(i)) for i in chunk]
+            loaded = [(x, image_id) for x, image_id in loaded if x is not None]
+            if loaded:
+                yield {"images": [x for x, _ in loaded], "image_ids": [image_id for _, image_id in loaded]}
 
     def to_device(self, batch, device):
         if isinstance(batch, dict):

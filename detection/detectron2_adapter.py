@@ -6,7 +6,21 @@ Built with detectron2's documented API: the model-zoo config
 images in 0-255 resized to the test size (``{"image", "height", "width"}``),
 outputs ``Instances`` converted to the torchvision-style dicts the COCO
 evaluator reads. detectron2 is imported only when this adapter is used (it is
-not on PyPI; see its installation guide).
+not on PyPI: ``make detectron2`` builds it from source).
+
+detectron2 keeps some layers in plain Python lists besides registering them
+(the FPN's ``lateral_convs`` / ``output_convs``, which its forward iterates):
+replacing the registered child (quantization, loading a compressed file)
+would leave the forward running the old dense layer. :func:`children_by_name`
+turns every such list into a view that looks the children up by name, so the
+forward always runs the module the model holds now.
+
+The compressed file records the architecture as plain JSON
+(:meth:`Detectron2Adapter.arch`): the model-zoo config name, the config
+overrides, the number of classes, the input format (BGR), the pixel mean and
+std and the test-time sizes, resolved from detectron2's config when the file
+is written, so loading rebuilds the same network even if the zoo defaults
+change.
 
 Layers are found by module type (detectron2's ``Conv2d`` is an ``nn.Conv2d``,
 its ``ConvTranspose2d`` an ``nn.ConvTranspose2d``), so the same rules apply.
@@ -22,6 +36,8 @@ logits put the background last. The supervised option is torchvision-only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,8 +46,9 @@ from .adapter import MaskRCNNAdapter, MaskRCNNOutputs, _images
 from .coco import category_mapping
 
 DEFAULT_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
-INSTALL_HINT = ("detectron2 is not installed; it is not on PyPI: install it from source following "
-                "https://detectron2.readthedocs.io/en/latest/tutorials/install.html")
+INSTALL_HINT = ("detectron2 is not installed; it is not on PyPI: build it from source with `make detectron2`, "
+                "or pip install 'setuptools>=70.1,<81' and then pip install --no-build-isolation "
+                "'git+https://github.com/facebookresearch/detectron2.git'")
 
 PAPER_RULES = [
     {"match": r"backbone\.bottom_up\.stem\.conv1\.conv|proposal_generator\.rpn_head\.objectness_logits|"
@@ -88,6 +105,39 @@ class ConvNormAct(nn.Module):
         return x
 
 
+class ChildList(Sequence):
+    """A read-only list of a module's children, looked up by name at every access."""
+
+    def __init__(self, owner: nn.Module, names: list[str]):
+        self.owner = owner
+        self.names = list(names)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [getattr(self.owner, n) for n in self.names[i]]
+        return getattr(self.owner, self.names[i])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"ChildList({self.names})"
+
+
+def children_by_name(model: nn.Module) -> nn.Module:
+    """Replace, in every module, each plain list (or tuple) of its own registered children by a
+    :class:`ChildList` of their names, in place: swapping a child then changes what the list
+    yields too."""
+    for module in model.modules():
+        ids = {id(child): name for name, child in module._modules.items() if child is not None}
+        for key, value in list(vars(module).items()):
+            if key.startswith("_") or not isinstance(value, (list, tuple)) or not value:
+                continue
+            if all(isinstance(v, nn.Module) and id(v) in ids for v in value):
+                object.__setattr__(module, key, ChildList(module, [ids[id(v)] for v in value]))
+    return model
+
+
 def unfuse_conv_norm(model: nn.Module) -> nn.Module:
     """Replace every detectron2 ``Conv2d`` that has a norm or an activation by :class:`ConvNormAct`,
     in place. State-dict keys change from ``<name>.weight`` to ``<name>.conv.weight`` (norm keys stay)."""
@@ -109,36 +159,65 @@ def unfuse_conv_norm(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_detectron2_maskrcnn(config: str = DEFAULT_CONFIG, weights: str | None = None,
-                              num_classes: int | None = None, min_size_test: int | None = None,
-                              max_size_test: int | None = None, opts: list | None = None) -> nn.Module:
-    """detectron2's model for a model-zoo ``config``, in eval mode on the CPU, with convs unfused.
-
-    ``weights``: a checkpoint path or URL for ``DetectionCheckpointer``, or ``model_zoo`` for the
-    config's published weights (downloaded where the network allows). ``opts``: extra
-    ``KEY, VALUE`` config pairs (``cfg.merge_from_list``).
-    """
+def detectron2_config(config: str = DEFAULT_CONFIG, num_classes: int | None = None,
+                      min_size_test: int | None = None, max_size_test: int | None = None,
+                      opts: list | None = None, input_format: str | None = None,
+                      pixel_mean: list | None = None, pixel_std: list | None = None):
+    """detectron2's config for a model-zoo ``config``: ``opts`` (``[KEY, VALUE, ...]``, as
+    ``cfg.merge_from_list``) first, then the named arguments that are given."""
     require_detectron2()
     from detectron2 import model_zoo
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
 
     config = config_path(config)
     cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file(config))
+    try:
+        cfg.merge_from_file(model_zoo.get_config_file(config))
+    except RuntimeError as e:       # model_zoo: "<name> not available in Model Zoo!"
+        raise ValueError(f"detectron2 config {config!r}: {e}") from None
     cfg.MODEL.DEVICE = "cpu"
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f"detectron2 opts must be KEY, VALUE pairs, got {len(opts)} items: {opts}")
+        cfg.merge_from_list([str(o) for o in opts])
     if num_classes is not None:
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = int(num_classes)
     if min_size_test is not None:
         cfg.INPUT.MIN_SIZE_TEST = int(min_size_test)
     if max_size_test is not None:
         cfg.INPUT.MAX_SIZE_TEST = int(max_size_test)
-    if opts:
-        cfg.merge_from_list([str(o) for o in opts])
+    if input_format is not None:
+        cfg.INPUT.FORMAT = str(input_format)
+    if pixel_mean is not None:
+        cfg.MODEL.PIXEL_MEAN = [float(v) for v in pixel_mean]
+    if pixel_std is not None:
+        cfg.MODEL.PIXEL_STD = [float(v) for v in pixel_std]
+    return cfg
+
+
+def build_detectron2_maskrcnn(config: str = DEFAULT_CONFIG, weights: str | None = None,
+                              num_classes: int | None = None, min_size_test: int | None = None,
+                              max_size_test: int | None = None, opts: list | None = None,
+                              input_format: str | None = None, pixel_mean: list | None = None,
+                              pixel_std: list | None = None) -> nn.Module:
+    """detectron2's model for a model-zoo ``config``, in eval mode on the CPU, with convs unfused
+    and child lists looked up by name (:func:`children_by_name`).
+
+    ``weights``: a checkpoint path or URL for ``DetectionCheckpointer``, or ``model_zoo`` for the
+    config's published weights (downloaded where the network allows). The other arguments are
+    those of :func:`detectron2_config`.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2 import model_zoo
+    from detectron2.modeling import build_model
+
+    cfg = detectron2_config(config, num_classes, min_size_test, max_size_test, opts, input_format,
+                            pixel_mean, pixel_std)
     model = build_model(cfg)
     if weights:
-        DetectionCheckpointer(model).load(model_zoo.get_checkpoint_url(config) if weights == "model_zoo" else weights)
+        DetectionCheckpointer(model).load(model_zoo.get_checkpoint_url(config_path(config))
+                                          if weights == "model_zoo" else weights)
+    children_by_name(model)
     unfuse_conv_norm(model)
     model.bgd_test_size = (int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST))
     return model.eval()
@@ -166,9 +245,19 @@ class Detectron2Adapter(MaskRCNNAdapter):
         return build_detectron2_maskrcnn(m.arch or DEFAULT_CONFIG, weights, **m.kwargs)
 
     def arch(self) -> dict:
-        return {"factory": "detection.detectron2_adapter:build_detectron2_maskrcnn",
-                "kwargs": {"config": config_path(self.model_config.arch or DEFAULT_CONFIG),
-                           **self.model_config.kwargs}}
+        """The architecture as plain JSON, resolved from detectron2's config: the zoo config name,
+        the overrides (``opts``), the number of classes, the input format, the pixel mean and std
+        and the test-time sizes."""
+        kwargs = dict(self.model_config.kwargs)
+        config = config_path(self.model_config.arch or DEFAULT_CONFIG)
+        cfg = detectron2_config(config, **kwargs)
+        resolved = {"config": config, "opts": [str(o) for o in kwargs.get("opts") or []],
+                    "num_classes": int(cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+                    "input_format": str(cfg.INPUT.FORMAT),
+                    "pixel_mean": [float(v) for v in cfg.MODEL.PIXEL_MEAN],
+                    "pixel_std": [float(v) for v in cfg.MODEL.PIXEL_STD],
+                    "min_size_test": int(cfg.INPUT.MIN_SIZE_TEST), "max_size_test": int(cfg.INPUT.MAX_SIZE_TEST)}
+        return {"factory": "detection.detectron2_adapter:build_detectron2_maskrcnn", "kwargs": resolved}
 
     @property
     def num_classes(self) -> int:

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bgd_dist.core.hessian import (damped_inverse_cholesky, decode_matrix, error_feedback_assign, exact_codebook,
-                                   fit_codebook_hessian, output_error, pooled_metric, relative_output_error)
+from bgd_dist.core.hessian import (block_factors, damped_inverse_cholesky, decode_matrix, error_feedback_assign,
+                                   exact_codebook, fit_codebook_hessian, output_error, pooled_metric,
+                                   relative_output_error)
 from bgd_dist.core.kmeans import _nearest, fit_codebook
 from bgd_dist.core.layouts import LayerGeometry, geometry_of, input_rows, weight_matrix
 from bgd_dist.core.stats import GramStats, HessianStats, make_stats, merge_all, stats_from_state
@@ -286,3 +287,39 @@ def test_a_stage_whose_hessians_exceed_max_mb_is_collected_in_several_passes():
     passes = collect_groups(layers, 50000)
     assert [[l.name for l in p] for p in passes] == [["a", "b"], ["c"], ["d"]]
     assert collect_groups(layers, 10) == [[layers[0], layers[1]], [layers[2]], [layers[3]]]   # one H each at least
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_damped_inverse_cholesky_and_block_factors(dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 36, generator=g, dtype=torch.float64)        # rank 30 < 36: damping needed
+    h = (x.T @ x).to(dtype)
+    upper = damped_inverse_cholesky(h, 0.01)
+    assert upper.dtype == dtype and torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
+    lam = 0.01 * float(h.double().diagonal().mean())
+    expected = torch.linalg.inv(h.double() + lam * torch.eye(36, dtype=torch.float64))
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    torch.testing.assert_close((upper.T @ upper).double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+    factors = block_factors(upper, 4)
+    for j in range(9):
+        blk = upper[4 * j:4 * j + 4, 4 * j:4 * j + 4]
+        torch.testing.assert_close(factors[j] @ blk, torch.eye(4, dtype=dtype), rtol=tol, atol=tol)
+
+
+def test_rounds_stop_when_the_objective_stalls():
+    x = correlated_inputs(n=30)
+    st = HessianStats.empty(GEOM, 9, "conv")
+    st.update(x)
+    weight = torch.randn(GEOM.weight_shape, generator=torch.Generator().manual_seed(5))
+    full = fit_codebook_hessian(weight, GEOM, st.metric(), 32, 9, 10, seed=0, rounds=5, stall=0.0)
+    assert len(full.objective) == 2 + 5                               # stall = 0: every round runs
+    short = fit_codebook_hessian(weight, GEOM, st.metric(), 32, 9, 10, seed=0, rounds=5, stall=0.9)
+    assert len(short.objective) == 2 + 1                              # no round gains 90%
+    assert short.objective[0] == pytest.approx(full.objective[0], rel=1e-9)   # the same paper fit
+    assert short.objective[-1] > full.objective[-1]
+    assert all(b <= a for a, b in zip(short.objective, short.objective[1:]))
+    for cb in (full, short):
+        assert cb.objective[-1] == pytest.approx(
+            relative_output_error(weight, cb.decode(GEOM), GEOM, st.metric()), rel=1e-5)
+    with pytest.raises(ValueError, match="stall"):
+        fit_codebook_hessian(weight, GEOM, st.metric(), 32, 9, 10, stall=-1.0)

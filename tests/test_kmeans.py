@@ -6,8 +6,10 @@ import warnings
 import pytest
 import torch
 
+from bgd_dist.core import kmeans
 from bgd_dist.core.kmeans import (
     _argmin_rows,
+    _distinct_rows,
     _hartigan_moves,
     clamp_n_centroids,
     fit_codebook,
@@ -382,3 +384,31 @@ def test_relative_error():
     w = torch.tensor([3.0, 4.0])
     assert relative_error(w, w) == 0.0
     assert relative_error(w, torch.zeros(2)) == 1.0
+
+
+def test_distinct_rows_counts_like_unique_and_treats_signed_zeros_as_equal():
+    gen = _gen(3)
+    base = torch.randn(40, 3, generator=gen)
+    rows = base[torch.randint(40, (500,), generator=gen)]
+    rows[:20] = 0.0
+    rows[20:40] = -0.0                                                   # equal to 0.0 for unique
+    exact = torch.unique(rows, dim=0)
+    for k in (1, 10, exact.shape[0] - 1):
+        assert _distinct_rows(rows, k) is None                           # more than k distinct: no sort
+    for k in (exact.shape[0], exact.shape[0] + 5, 1000):
+        assert torch.equal(_distinct_rows(rows, k), exact)
+    assert torch.equal(_distinct_rows(rows.double(), exact.shape[0]), torch.unique(rows.double(), dim=0))
+
+
+@pytest.mark.parametrize("refine", ["hartigan", "lloyd"])
+def test_objective_kept_from_cluster_sums_matches_the_residuals(refine, monkeypatch):
+    # above _EXACT_BELOW weights (here: always) the per-iteration objective comes from the cluster
+    # sums kept through E-step moves, Hartigan moves and repairs; the last value of a shorter fit
+    # (same seed, same path) is computed from the residuals
+    monkeypatch.setattr(kmeans, "_EXACT_BELOW", 0)
+    weight, metric = _weight(seed=6), _gram(9, 6)
+    long = fit_codebook(weight, CONV, metric, 32, 9, n_iter=8, seed=2, refine=refine).objective
+    for t in (1, 4, 8):
+        short = fit_codebook(weight, CONV, metric, 32, 9, n_iter=t, seed=2, refine=refine).objective
+        assert short[:-1] == long[:t]
+        assert short[-1] == pytest.approx(long[t], rel=1e-10, abs=1e-14)

@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from bgd_dist import load_compressed
 from bgd_dist.config import to_mapping

@@ -8,7 +8,7 @@ import torch
 from bgd_dist.adapters import Adapter, Evaluator, make_adapter
 from bgd_dist.config import ModelConfig
 from bgd_dist.sharding import calibration_items, eval_items, item_seed, train_items
-from bgd_dist.testing import ToyAdapter, synthetic_images
+from bgd_dist.testing import synthetic_images
 
 
 def test_calibration_shards_are_disjoint_and_cover_the_positions():

@@ -90,6 +90,18 @@ def exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: T
     product. CG minimises the quadratic over a growing Krylov space, so the
     objective never increases. Centroids no subvector uses are returned as given.
     """
+    return _exact_codebook(w, hessian, centroids, assignments, steps, tol)[0]
+
+
+def _exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: Tensor, steps: int = 20,
+                    tol: float = 1e-10, wh: Tensor | None = None, total: float | None = None,
+                    stall: float = 0.0) -> tuple[Tensor, float | None]:
+    """:func:`exact_codebook`, plus: ``wh`` = ``w @ hessian`` when already known (the right-hand
+    side needs no product then); with ``total`` = ``tr(W H Wᵀ)`` given, the objective
+    ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` of the result is returned as well, at no cost
+    (``total - bᵀx - rᵀx`` from CG's residual ``r = b - Ax``), and CG stops once a step lowers
+    it by less than ``stall`` times its value (0: never). The products stay float64: with a
+    singular ``H``, float32 products let the iterates drift along its null space."""
     k, d = centroids.shape
     n_rows, length = w.shape
     n_blocks = length // d
@@ -97,6 +109,9 @@ def exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: T
 
     def apply(c: Tensor) -> Tensor:
         return _adjoint(decode_matrix(c, assignments, n_rows) @ hessian, assignments, k)
+
+    def value(r: Tensor) -> float | None:
+        return None if total is None else max(0.0, total - float((b * x).sum()) - float((r * x).sum()))
 
     # block-Jacobi preconditioner: P_k = Σ_{(j, p) assigned to k} H_jj
     diag_blocks = diagonal_blocks(hessian, d)
@@ -109,12 +124,13 @@ def exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: T
     precond_inv = torch.linalg.pinv(precond + ridge * eye, hermitian=True)
     used = counts.sum(1) > 0
 
-    b = _adjoint(w @ hessian, assignments, k)
+    b = _adjoint(w @ hessian if wh is None else wh, assignments, k)
     r = b - apply(x)
     r[~used] = 0
     b_norm = float(b.norm())
+    f = value(r)
     if b_norm == 0 or float(r.norm()) <= tol * b_norm:
-        return x
+        return x, f
     z = torch.bmm(precond_inv, r.unsqueeze(2)).squeeze(2)
     p = z.clone()
     rz = float((r * z).sum())
@@ -126,63 +142,86 @@ def exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: T
         alpha = rz / pap
         x += alpha * p
         r -= alpha * ap
+        f_new = value(r)
         if float(r.norm()) <= tol * b_norm:
+            f = f_new
             break
+        if f is not None and f - f_new <= stall * f_new:
+            f = f_new
+            break
+        f = f_new
         z = torch.bmm(precond_inv, r.unsqueeze(2)).squeeze(2)
         rz_new = float((r * z).sum())
         p = z + (rz_new / rz) * p
         rz = rz_new
-    return x
+    return x, f
 
 
 def damped_inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + λ I)⁻¹``, ``λ = damp · mean(diag H)``."""
+    """Upper Cholesky factor ``U`` of ``(H + λ I)⁻¹``, ``λ = damp · mean(diag H)``.
+
+    With ``J`` the order reversal and ``J (H + λI) J = L Lᵀ``, ``U = J L⁻¹ J`` (upper
+    triangular, positive diagonal, ``UᵀU = (H + λI)⁻¹``): one Cholesky factorisation
+    and one triangular inverse, instead of factorising, inverting and factorising again.
+    """
     length = hessian.shape[0]
     lam = damp * float(hessian.diagonal().mean())
     if lam <= 0:
         lam = 1e-12
     eye = torch.eye(length, dtype=hessian.dtype, device=hessian.device)
+    flipped = hessian.flip(0, 1)
     for _ in range(8):  # raise the damping until the factorisation succeeds (singular H)
-        lower, info = torch.linalg.cholesky_ex(hessian + lam * eye)
+        lower, info = torch.linalg.cholesky_ex(flipped + lam * eye)
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper
+            inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+            if bool(torch.isfinite(inv).all()):
+                return inv.flip(0, 1)
         lam *= 10
     raise ValueError("the input statistics are not positive definite even with strong damping")
 
 
-def error_feedback_assign(w: Tensor, centroids: Tensor, upper: Tensor, lazy: int = 128) -> Tensor:
+def block_factors(upper: Tensor, block_size: int) -> Tensor:
+    """``U_jj⁻¹`` of every diagonal ``d x d`` block of ``U`` (upper triangular), (n_blocks, d, d), in one
+    batched triangular solve (computed once per layer, reused by every error-feedback pass)."""
+    blocks = diagonal_blocks(upper, block_size)
+    eye = torch.eye(block_size, dtype=upper.dtype, device=upper.device).expand_as(blocks)
+    return torch.linalg.solve_triangular(blocks, eye, upper=True)
+
+
+def error_feedback_assign(w: Tensor, centroids: Tensor, upper: Tensor, lazy: int = 128,
+                          factors: Tensor | None = None) -> Tensor:
     """GPTQ-style assignment of every block to a centroid, propagating each block's error.
 
     w: (n_rows, L) float64 (not modified); centroids: (K, d); upper: the
-    upper Cholesky factor of the damped ``H⁻¹``. Blocks are processed left to
+    upper Cholesky factor of the damped ``H⁻¹``; factors: :func:`block_factors` of
+    ``upper`` when already known. Blocks are processed left to
     right; block ``j`` of every row goes to the centroid nearest under
     ``(U_jjᵀ U_jj)⁻¹`` (the loss of quantizing it when the later columns are
     re-optimised), and the later columns absorb the error. Updates to columns
     beyond the current ``lazy``-column window are applied once per window.
+    The pass runs in ``upper``'s dtype (float32 is what GPTQ uses, and half the time).
     Returns block-major assignments (n_blocks * n_rows,).
     """
     n_rows, length = w.shape
     d = centroids.shape[1]
     n_blocks = length // d
-    c = centroids.to(torch.float64)
-    w = w.clone()
+    dtype = upper.dtype
+    c = centroids.to(dtype)
+    if factors is None:
+        factors = block_factors(upper, d)
+    local = factors @ factors.transpose(1, 2)                            # (n_blocks, d, d): (U_jjᵀ U_jj)⁻¹
+    w = w.to(dtype, copy=True)
     out = torch.empty(n_blocks, n_rows, dtype=torch.long, device=w.device)
     window = max(1, lazy // d) * d
     for w0 in range(0, length, window):
         w1 = min(length, w0 + window)
-        errors = torch.empty(n_rows, w1 - w0, dtype=torch.float64, device=w.device)
+        errors = torch.empty(n_rows, w1 - w0, dtype=dtype, device=w.device)
         for s in range(w0, w1, d):
             e = s + d
-            u_jj = upper[s:e, s:e]
-            u_inv = torch.linalg.solve_triangular(u_jj, torch.eye(d, dtype=u_jj.dtype, device=u_jj.device),
-                                                  upper=True)
-            local = u_inv @ u_inv.T                                      # (U_jjᵀ U_jj)⁻¹
-            a = _nearest(w[:, s:e], c, local)
-            out[s // d] = a
-            err = (w[:, s:e] - c[a]) @ u_inv                             # (n_rows, d)
+            j = s // d
+            a = _nearest(w[:, s:e], c, local[j])
+            out[j] = a
+            err = (w[:, s:e] - c[a]) @ factors[j]                        # (n_rows, d)
             errors[:, s - w0:e - w0] = err
             if e < w1:
                 w[:, e:w1] -= err @ upper[s:e, e:w1]
@@ -205,6 +244,7 @@ def fit_codebook_hessian(
     rounds: int = 4,
     damp: float = 0.01,
     cg_steps: int = 20,
+    stall: float = 1e-3,
 ) -> Codebook:
     """One codebook for the layer under the full input statistics ``hessian`` (L x L, PSD).
 
@@ -214,13 +254,18 @@ def fit_codebook_hessian(
     3. ``rounds`` times: error-feedback assignment under the damped ``H``, then
        the exact codebook update.
 
-    The codebook with the lowest exact objective is returned.
+    The codebook with the lowest exact objective is returned. ``stall`` (0 = off) ends a
+    CG solve once a step lowers the objective by less than that share, and the rounds
+    once a round lowers the best objective by less than that share; ``W H``, the
+    factorisation of the damped ``H⁻¹`` and its block factors are computed once.
     ``Codebook.objective`` holds the relative objective
     ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of the best codebook so far after step 1,
     step 2 and every round (non-increasing).
     """
     if rounds < 0 or cg_steps < 0:
         raise ValueError(f"layer {name!r}: rounds and cg_steps must be >= 0, got {rounds}, {cg_steps}")
+    if stall < 0:
+        raise ValueError(f"layer {name!r}: stall must be >= 0, got {stall}")
     if not damp > 0:
         raise ValueError(f"layer {name!r}: damp must be > 0, got {damp}")
     if geometry.groups != 1:
@@ -241,37 +286,39 @@ def fit_codebook_hessian(
                         seed, name, refine)
     w = weight_matrix(weight.detach(), geometry).to(torch.float64)
     n_rows = w.shape[0]
-    total = output_error(w, torch.zeros_like(w), h)
+    wh = w @ h                                    # once per layer: every right-hand side
+    total = float((w * wh).sum())                 # tr(W H Wᵀ)
     if total <= 0:
         # the layer's output is zero on every input (zero weights, or weights only where H has no
         # variance): nothing to improve on the paper's codebook
         return Codebook(base.centroids, base.assignments, (0.0, 0.0), base.n_empty_repaired)
-
-    def objective(c: Tensor, a: Tensor) -> float:
-        return output_error(w, decode_matrix(c, a, n_rows), h) / total
-
+    h32 = h.float()                               # the GPTQ pass: float32
     best_c, best_a = base.centroids.to(torch.float64), base.assignments
-    best = objective(best_c, best_a)
+    best = output_error(w, decode_matrix(best_c, best_a, n_rows), h) / total
     history = [best]
-    c = exact_codebook(w, h, best_c, best_a, cg_steps)
-    value = objective(c, best_a)
+    c, value = _exact_codebook(w, h, best_c, best_a, cg_steps, wh=wh, total=total, stall=stall)
+    value /= total
     if value < best:
         best, best_c = value, c
     history.append(best)
     if rounds:
-        upper = damped_inverse_cholesky(h, damp)
+        upper = damped_inverse_cholesky(h32, damp)     # float32, as GPTQ
+        factors = block_factors(upper, block_size)
         current = best_c
         for _ in range(rounds):
-            a = error_feedback_assign(w, current, upper)
-            current = exact_codebook(w, h, current, a, cg_steps)
-            value = objective(current, a)
+            before = best
+            a = error_feedback_assign(w, current, upper, factors=factors)
+            current, value = _exact_codebook(w, h, current, a, cg_steps, wh=wh, total=total, stall=stall)
+            value /= total
             if value < best:
                 best, best_c, best_a = value, current, a
             history.append(best)
+            if before - best <= stall * best:
+                break
     centroids = best_c.to(weight.dtype)
     # the working-precision centroids are what the layer will decode
     return Codebook(centroids, best_a, tuple(history), base.n_empty_repaired)
 
 
-__all__ = ["fit_codebook_hessian", "exact_codebook", "error_feedback_assign", "damped_inverse_cholesky",
+__all__ = ["fit_codebook_hessian", "exact_codebook", "error_feedback_assign", "damped_inverse_cholesky", "block_factors",
            "pooled_metric", "decode_matrix", "relative_output_error", "output_error"]

@@ -20,6 +20,9 @@ REFINES = ("hartigan", "lloyd")
 # refine="hartigan": an iteration runs the Lloyd E-step while the previous iteration's
 # Lloyd moves (done or pending) touched more than this share of the clusters
 _LLOYD_SHARE = 0.5
+# the objective after every iteration is computed from the residuals below this many weights, from the
+# cluster sums above (the returned codebook's always from the residuals)
+_EXACT_BELOW = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -85,15 +88,19 @@ def _argmin_rows(scores: Tensor) -> Tensor:
     n, k = scores.shape
     if k % _LANES or k < 2 * _LANES or scores.device.type != "cpu":
         return scores.argmin(1)
-    by_lane = scores.view(n, k // _LANES, _LANES)
+    groups = k // _LANES
+    by_lane = scores.view(n, groups, _LANES)
     lane = by_lane.amin(1).argmin(1)                                    # (n,)
-    group = by_lane[torch.arange(n, device=scores.device), :, lane].argmin(1)
+    group = by_lane.gather(2, lane.view(n, 1, 1).expand(n, groups, 1)).squeeze(2).argmin(1)
     return group * _LANES + lane
 
 
 def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | None = None,
-             chunk: int | None = None) -> Tensor:
+             chunk: int | None = None, w_aug: Tensor | None = None) -> Tensor:
     """argmin_c (w - c)ᵀ G (w - c) for each row of w (N, d), via cᵀGc - 2 wᵀGc.
+
+    The scores are one GEMM of the rows ``[w, 1]`` (``w_aug``, (N, d+1), built here
+    when not given) with the columns ``[-2 Gc ; cᵀGc]``.
 
     Chunked so the (chunk, K) score matrix stays in cache (CPU; default 2048
     rows, 65536 on accelerators). With ``current``
@@ -104,26 +111,64 @@ def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | Non
     """
     if chunk is None:
         chunk = 2048 if w.device.type == "cpu" else 65536
+    if w_aug is None:
+        w_aug = _augment(w)
     cg = centroids @ metric                       # (K, d)
-    c_norm = (centroids * cg).sum(1)              # (K,)
-    cg_t = cg.T.contiguous()
+    cols = torch.cat([-2 * cg, (centroids * cg).sum(1, keepdim=True)], 1).T.contiguous()   # (d+1, K)
     n = w.shape[0]
     out = torch.empty(n, dtype=torch.long, device=w.device) if current is None else current.clone()
     buf = torch.empty(min(chunk, n), centroids.shape[0], dtype=w.dtype, device=w.device)
-    rows = torch.arange(min(chunk, n), device=w.device)
     for start in range(0, n, chunk):
-        wc = w[start:start + chunk]
+        wc = w_aug[start:start + chunk]
         m = wc.shape[0]
         scores = buf[:m]
-        torch.addmm(c_norm, wc, cg_t, alpha=-2.0, out=scores)       # (m, K)
+        torch.mm(wc, cols, out=scores)                              # (m, K)
         if current is None:
             out[start:start + m] = _argmin_rows(scores)
             continue
         now = out[start:start + m]
-        worse = torch.nonzero(scores[rows[:m], now] > scores.amin(1)).flatten()
+        own = scores.gather(1, now.unsqueeze(1)).squeeze(1)
+        worse = torch.nonzero(own > scores.amin(1)).flatten()
         if worse.numel():
-            now[worse] = _argmin_rows(scores[worse])
+            now[worse] = _argmin_rows(scores.index_select(0, worse))
     return out
+
+
+def _augment(w: Tensor) -> Tensor:
+    """``[w, 1]`` (N, d+1)."""
+    return torch.cat([w, torch.ones(w.shape[0], 1, dtype=w.dtype, device=w.device)], 1)
+
+
+def _sq_error(c64: Tensor, sums: Tensor, counts: Tensor, total: float, metric64: Tensor) -> float:
+    """``Σ_i (w_i - c_a(i))ᵀ G (w_i - c_a(i))`` from the cluster sums ``Σ_{a(i)=k} w_i`` (K, d) and
+    counts (K,): ``Σ_i w_iᵀGw_i - 2 Σ_k sums_kᵀ G c_k + Σ_k n_k c_kᵀ G c_k`` (float64)."""
+    cg = c64 @ metric64
+    return max(0.0, total - 2 * float((sums * cg).sum()) + float((counts.to(torch.float64) * (c64 * cg).sum(1)).sum()))
+
+
+def _move_sums(sums: Tensor, w64: Tensor, rows: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+    """Cluster sums after ``rows`` moved from ``src`` to ``dst`` (a new tensor)."""
+    wr = w64.index_select(0, rows)
+    return sums.index_add(0, src, wr, alpha=-1).index_add_(0, dst, wr)
+
+
+def _distinct_rows(w: Tensor, k: int) -> Tensor | None:
+    """The distinct rows of ``w`` (N, d) (``torch.unique(w, dim=0)``), or None when there are more than ``k``.
+
+    A 64-bit hash of every row's bits is counted first (cheap); colliding rows only
+    lower that count, so more than ``k`` distinct hashes proves more than ``k``
+    distinct rows and the exact (sorting) pass is skipped.
+    """
+    if w.shape[0] > k and w.dtype in (torch.float32, torch.float64):
+        bits = (w + 0.0).view(torch.int32 if w.dtype == torch.float32 else torch.int64).to(torch.int64)  # -0.0 -> 0.0
+        mult = torch.tensor([0x9E3779B97F4A7C15 - (1 << 64)], dtype=torch.int64, device=w.device)
+        h = torch.zeros(w.shape[0], dtype=torch.int64, device=w.device)
+        for j in range(w.shape[1]):
+            h = (h ^ bits[:, j]) * mult
+            h = h ^ (h >> 29)
+        if torch.unique(h).shape[0] > k:
+            return None
+    return torch.unique(w, dim=0)
 
 
 def _quad(diff: Tensor, metric: Tensor) -> Tensor:
@@ -356,7 +401,10 @@ def fit_codebook(
     objective is bounded with their old centroids): the objective decreases by
     the sum of the gains. The moved clusters get their new means at once.
 
-    The objective is evaluated in float64 with explicit ``(w-c)ᵀG(w-c)``; an
+    The objective is evaluated in float64: from the residuals ``(w-c)ᵀG(w-c)`` for
+    small layers and for the returned codebook, otherwise from the cluster sums
+    ``Σ wᵀGw - 2 Σ_k s_kᵀGc_k + Σ_k n_k c_kᵀGc_k`` (``s_k`` the float64 sum of the
+    members, kept up to date by every move; the M-step mean is ``s_k / n_k``); an
     E-step assignment only changes when the new centroid is strictly closer
     under that exact distance, Hartigan gains are computed in float64 with the
     exact means (and a round whose result, after rounding the new means to the
@@ -394,10 +442,11 @@ def fit_codebook(
     metric64 = (metric64 + metric64.T) / 2        # exact metric: objective and tie-breaking
     metric = metric64.to(w.dtype)                 # working precision: nearest-centroid search
     w64 = w.double()
+    w64_t = w64.T.contiguous()                    # (d, N)
     n = w.shape[0]
-    distinct = torch.unique(w, dim=0)
-    n_distinct = distinct.shape[0]
     k = n_centroids
+    distinct = _distinct_rows(w, k)
+    n_distinct = n if distinct is None else distinct.shape[0]
     gen = torch.Generator().manual_seed(seed)
     if k >= n_distinct:
         if k > n_distinct:
@@ -417,6 +466,7 @@ def fit_codebook(
     total = float((metric64 * (w64.T @ w64)).sum())
     scale = total if total > 0 else 1.0
 
+    w_aug = _augment(w)
     if refine == "hartigan":
         x_aug = torch.cat([w, ((w64 @ metric64) * w64).sum(1, keepdim=True).to(w.dtype)], 1)   # (N, d+1)
     objective: list[float] = []
@@ -429,7 +479,7 @@ def fit_codebook(
         c64 = centroids.double()
         previous = assignments
         e_step = previous is None or refine == "lloyd" or lloyd_share > _LLOYD_SHARE
-        proposed = _nearest(w, centroids, metric, assignments) if e_step else previous.clone()
+        proposed = _nearest(w, centroids, metric, assignments, w_aug=w_aug) if e_step else previous.clone()
         if previous is not None and e_step:
             # a point moves only if the new centroid is strictly closer under the exact distance
             changed = torch.nonzero(proposed != previous).flatten()
@@ -440,18 +490,22 @@ def fit_codebook(
                 kept = changed[d_old <= d_new]
                 proposed[kept] = previous[kept]
         assignments = proposed
-        if previous is not None:
+        if previous is None:
+            sums = torch.zeros(w.shape[1], k, dtype=torch.float64, device=w.device).index_add_(
+                1, assignments, w64_t).T.contiguous()                   # (K, d) Σ of every cluster's rows
+            counts = torch.bincount(assignments, minlength=k)
+        else:
             lloyd = torch.nonzero(assignments != previous).flatten()
             stale[previous[lloyd]] = True
             stale[assignments[lloyd]] = True
             lloyd_share = float(stale.double().mean())
-        diff = w64 - c64.index_select(0, assignments)                   # (N, d)
-        # Σ_i diff_iᵀ G diff_i = <G, diffᵀ diff>
-        value = float((metric64 * (diff.T @ diff)).sum())
+            if lloyd.numel():
+                sums = _move_sums(sums, w64, lloyd, previous[lloyd], assignments[lloyd])
+                counts = torch.bincount(assignments, minlength=k)
+        value = _sq_error(c64, sums, counts, total, metric64)
         if refine == "hartigan" and previous is not None:
             # clusters changed by the Lloyd moves above keep their (old) centroids, which
             # bounds their part of the objective; the others take batched Hartigan moves
-            counts = torch.bincount(assignments, minlength=k)
             rows, dst, _, pending = _hartigan_moves(x_aug, w64, centroids, means64, metric, metric64,
                                                     assignments, counts, stale)
             if not e_step:
@@ -468,18 +522,23 @@ def fit_codebook(
                 recentred[src] = m_src.to(w.dtype)
                 recentred[dst] = m_dst.to(w.dtype)
                 r64 = recentred.double()
-                r_diff = w64 - r64.index_select(0, moved)
-                r_value = float((metric64 * (r_diff.T @ r_diff)).sum())
+                r_sums = _move_sums(sums, w64, rows, src, dst)
+                r_counts = torch.bincount(moved, minlength=k)
+                r_value = _sq_error(r64, r_sums, r_counts, total, metric64)
                 # the gains are exact in float64; this only guards against the rounding of
                 # the new means to the working precision
                 if r_value <= value:
-                    assignments, centroids, c64, diff, value = moved, recentred, r64, r_diff, r_value
+                    assignments, centroids, c64, value = moved, recentred, r64, r_value
+                    sums, counts = r_sums, r_counts
                     means64[src] = m_src
                     means64[dst] = m_dst
+        if it == n_iter or n * w.shape[1] <= _EXACT_BELOW:
+            # exact from the residuals (small layers, and the returned codebook)
+            diff = w64_t - c64.T.contiguous().index_select(1, assignments)   # (d, N)
+            value = float((metric64 * (diff @ diff.T)).sum())
         objective.append(value / scale)
         if it == n_iter:
             break
-        counts = torch.bincount(assignments, minlength=k)
         if bool((counts == 0).any()):
             before = assignments
             assignments, n_rep = _repair_empty(w, assignments, counts, centroids)
@@ -488,14 +547,13 @@ def fit_codebook(
                 stale[before[split]] = True
                 stale[assignments[split]] = True
                 repaired += n_rep
+                sums = _move_sums(sums, w64, split, before[split], assignments[split])
                 counts = torch.bincount(assignments, minlength=k)
-                # moved points sit on an exact copy of their old centroid: diff is unchanged
                 c64 = centroids.double()
-        # M-step: the mean, computed as centroid + mean offset in float64 (exact when all
-        # members coincide with the centroid), for the clusters whose members changed since
-        # their centroid was set (the others keep it: once nothing moves, nothing changes)
-        shift = torch.zeros(k, w.shape[1], dtype=torch.float64, device=w.device).index_add_(0, assignments, diff)
-        fresh = c64 + shift / counts.clamp_min(1).unsqueeze(1).to(torch.float64)
+        # M-step: the float64 mean (the sum of the members over their number: exact when all
+        # members coincide) of the clusters whose members changed since their centroid was set
+        # (the others keep it: once nothing moves, nothing changes)
+        fresh = torch.where((counts > 0).unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).to(torch.float64), c64)
         means64 = torch.where(stale.unsqueeze(1), fresh, means64)
         centroids = torch.where(stale.unsqueeze(1), fresh.to(w.dtype), centroids)
         stale.zero_()

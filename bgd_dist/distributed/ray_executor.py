@@ -19,17 +19,20 @@ the actors are idle (collection, fitting and distillation never overlap).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import os
+import signal
 import socket
+import time
 from typing import Callable
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from ..adapters import DataError
 from ..executor import Executor, merge_shard_results, payload_nbytes
-from ..finetune import PhaseSpec
-from ..messages import CollectRequest, CollectResult, DistillResult, FitJob, FitResult
+from ..finetune import Diverged, PhaseSpec, PhaseState, combine
+from ..messages import CollectRequest, CollectResult, FitJob, FitResult
 from ..worker import Worker, run_fit
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,26 @@ class _StatsWorker(Worker):
             s.bind(("", 0))
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def distill_reporting(self, spec: PhaseSpec, rank: int, world: int, state: PhaseState | None, stop: int,
+                          board=None, die_at: int | None = None) -> PhaseState:
+        """``distill`` with the steps reported to the driver's progress board (rank 0). ``die_at``
+        (tests): this actor's process SIGKILLs itself after that step."""
+        from .progress import reporter
+
+        report = reporter(board, stop) if board is not None else None
+        if die_at is not None:
+            def progress(step, loss, report=report):
+                if report is not None:
+                    report(step, loss)
+                if step >= die_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            progress = report
+        return self.distill(spec, rank, world, state, stop, progress)
 
 
 StatsWorker = ray.remote(_StatsWorker)
@@ -65,6 +88,13 @@ class RayExecutor(Executor):
         self._group_ready = False
         self.restarts = 0
         self.fault_injection: Callable[[list], None] | None = None  # tests: called before the calls are submitted
+        # tests: called with (phase, step, actors) whenever rank 0 reports a new distillation step
+        self.distill_fault: Callable[[str, int, list], None] | None = None
+        # tests: (phase, step, actor index): that actor's process SIGKILLs itself after that step, once
+        self.kill_actor_at: tuple[str, int, int] | None = None
+        self._board = None
+        self._distill_key = None
+        self._distill_restarts = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, model_config, data_config: dict) -> None:
@@ -93,6 +123,12 @@ class RayExecutor(Executor):
             except Exception:  # already dead
                 pass
         self.actors = []
+        if self._board is not None:
+            try:
+                ray.kill(self._board)
+            except Exception:
+                pass
+            self._board = None
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
@@ -129,6 +165,10 @@ class RayExecutor(Executor):
             i = pending.pop(ready[0])
             try:
                 results[i] = ray.get(ready[0])
+            except RayTaskError as e:
+                if isinstance(getattr(e, "cause", None), DataError):   # bad input: its message, no traceback
+                    raise DataError(str(e.cause)) from None
+                raise
             except RayActorError:
                 attempts[i] += 1
                 if attempts[i] > self.max_restarts:
@@ -172,12 +212,20 @@ class RayExecutor(Executor):
         self._payload_ref = None
         self._call_all(lambda i: self.actors[i].load_compressed.remote(path))
 
+    def skipped_items(self) -> list[str]:
+        return sorted({p for paths in self._call_all(lambda i: self.actors[i].skipped_items.remote()) for p in paths})
+
     # -- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, which, max_images) -> list:
+    def evaluate(self, which, max_images, progress=None) -> list:
         n = len(self.actors)
-        return self._call_all(lambda i: self.actors[i].evaluate.remote(which, i, n, max_images))
+        return self._call_all(lambda i: self.actors[i].evaluate.remote(which, i, n, max_images),
+                              on_result=(lambda r: progress(1)) if progress else None)
 
     # -- distillation -------------------------------------------------------------------------
+    @property
+    def distill_world(self) -> int:
+        return self.num_shards
+
     def _ensure_group(self) -> None:
         if self._group_ready or len(self.actors) == 1:
             return
@@ -187,14 +235,97 @@ class RayExecutor(Executor):
         ray.get([a.setup_group.remote(init, rank, world) for rank, a in enumerate(self.actors)])
         self._group_ready = True
 
-    def distill(self, spec: PhaseSpec) -> DistillResult:
-        self._ensure_group()
-        world = len(self.actors)
-        refs = [a.distill.remote(spec, rank, world) for rank, a in enumerate(self.actors)]
-        try:
-            results = ray.get(refs)
-        except RayActorError as e:
+    def _progress_board(self):
+        if self._board is None:
+            from .progress import ProgressBoard
+
+            self._board = ProgressBoard.remote()
+        return self._board
+
+    def distill(self, spec: PhaseSpec, state: PhaseState | None = None, stop: int | None = None,
+                progress: Callable[[int, float], None] | None = None,
+                on_event: Callable[..., None] | None = None) -> PhaseState:
+        """Steps ``state.step`` to ``stop`` of ``spec`` on every actor (data parallel). An actor that
+        dies is replaced, the group re-formed, every actor restored to ``state`` (the last
+        checkpoint) and the piece run again, at most ``max_restarts`` times per phase."""
+        start = state.step if state is not None else 0
+        stop = spec.iterations if stop is None else min(stop, spec.iterations)
+        key = (spec.name, spec.layers, spec.seed)
+        if self._distill_key != key:
+            self._distill_key, self._distill_restarts = key, 0
+        board = self._progress_board()
+        state_ref = ray.put(state)   # once for every actor
+        while True:
+            self._ensure_group()
+            world = len(self.actors)
+            ray.get(board.reset.remote())
+            die = [None] * world
+            if self.kill_actor_at is not None and self.kill_actor_at[0] == spec.name \
+                    and start < self.kill_actor_at[1] < stop:
+                die[self.kill_actor_at[2]] = self.kill_actor_at[1]
+                self.kill_actor_at = None
+            refs = {a.distill_reporting.remote(spec, rank, world, state_ref, stop, board if rank == 0 else None,
+                                               die[rank]): rank
+                    for rank, a in enumerate(self.actors)}
+            results, dead, failed, seen = self._wait_distill(refs, spec, progress)
+            if not dead:
+                if failed:
+                    rank, err = failed[0]
+                    cause = err.cause if getattr(err, "cause", None) is not None else err
+                    if isinstance(cause, Diverged):
+                        raise cause from None
+                    raise RuntimeError(f"{spec.name} distillation failed on actor {rank} between steps {start} "
+                                       f"and {stop}: {cause}") from None
+                return combine(state, results)
+            self._distill_restarts += 1
+            step = max(seen, start)
+            if self._distill_restarts > self.max_restarts:
+                raise RuntimeError(f"{spec.name} distillation: actor {dead[0]} died near step {step} "
+                                   f"(restart {self._distill_restarts} of at most {self.max_restarts} in this "
+                                   f"phase); giving up") from None
+            log.warning("%s distillation: actor %s died near step %d; replacing it and continuing from the "
+                        "checkpoint at step %d (restart %d/%d)", spec.name, ", ".join(map(str, dead)), step, start,
+                        self._distill_restarts, self.max_restarts)
+            for i in dead:
+                self._replace_actor(i)
+            # the survivors ran past the checkpoint: every actor goes back to the phase's start student
+            # (the checkpoint restores what the phase changed)
+            if self._payload_ref is not None:
+                ray.get([a.load_student.remote(self._payload_ref) for a in self.actors])
             self._group_ready = False
-            raise RuntimeError(f"{spec.name} distillation: a worker died ({e}); resume the run with --resume") from e
-        n = len(results[0].losses)
-        return dataclasses.replace(results[0], losses=[sum(r.losses[i] for r in results) / world for i in range(n)])
+            if on_event is not None:
+                on_event("restart", phase=spec.name, step=step, from_step=start, actors=dead,
+                         steps_redone=step - start, restarts=self._distill_restarts)
+
+    def _wait_distill(self, refs: dict, spec: PhaseSpec, progress, grace_s: float = 30.0):
+        """Wait for one piece on every actor, polling the progress board. Returns the results (rank
+        order), the ranks whose actor died, the ranks that raised, and the last step reported."""
+        results: list = [None] * len(refs)
+        dead, failed = [], []
+        seen = 0
+        pending = dict(refs)
+        deadline = None
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.1)
+            last = ray.get(self._board.get.remote())
+            if last is not None and last[0] > seen:
+                seen = last[0]
+                if progress is not None:
+                    progress(seen, last[1])
+                if self.distill_fault is not None:
+                    self.distill_fault(spec.name, seen, self.actors)
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                except RayActorError:
+                    dead.append(rank)
+                except RayTaskError as e:   # e.g. the collective failing because a peer died
+                    failed.append((rank, e))
+            if dead and deadline is None:
+                deadline = time.monotonic() + grace_s
+            if pending and deadline is not None and time.monotonic() > deadline:
+                for ref, rank in pending.items():   # stuck in a collective with a dead peer
+                    dead.append(rank)
+                pending = {}
+        return results, sorted(set(dead)), failed, seen   # with a dead peer, the others' errors are its echo
