@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch and torchvision must be a matching pair (see README)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,onnx]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/distributed.py
 	$(PY) -m benchmarks.objective --end
 	$(PY) -m benchmarks.budget
+	$(PY) -m benchmarks.inference --lean
+	$(PY) -m benchmarks.container
 	$(PY) -m benchmarks.kmeans_limit
 	$(PY) -m benchmarks.hessian_speed
 	$(PY) -m benchmarks.distill_step

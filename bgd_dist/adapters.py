@@ -78,10 +78,12 @@ class Adapter(Protocol):
     - ``data_paths()``: the files and folders the adapter reads, ``{setting: path}`` (e.g.
       ``{"data.train": "/data/imagenet/train"}``); each stats actor checks them on its node before
       it starts; default none.
+    - ``preprocessing()`` and ``class_names()``: what the compressed file records for a
+      deployer; default None.
 
     Which items (and augmentation seeds) a shard of each stream gets is
     :mod:`bgd_dist.sharding`'s rule; an adapter maps them to batches.
-    :class:`AdapterBase` provides the defaults of the last four hooks.
+    :class:`AdapterBase` provides the defaults of the last six hooks.
     """
 
     def build_model(self) -> nn.Module: ...
@@ -132,6 +134,17 @@ class AdapterBase:
 
     def data_paths(self) -> dict[str, str]:
         return {}
+
+    def preprocessing(self) -> dict | None:
+        """What a deployer does to an input before the network, recorded in the compressed file
+        (e.g. ``{"input_size": [3, 224, 224], "resize": 256, "mean": [...], "std": [...]}``);
+        ``input_size`` (C, H, W) is also the example shape of the ONNX export. Default: None."""
+        return None
+
+    def class_names(self) -> list[str] | None:
+        """The names of the network's output classes, in output order, where the adapter knows
+        them (recorded in the compressed file). Default: None."""
+        return None
 
 
 def import_object(path: str):

@@ -109,6 +109,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_file
+
+    out = export_file(args.file, args.format, args.out, input_size=args.input_size, opset=args.opset)
+    print(f"wrote {out} ({args.format})")
+    return 0
+
+
 def cmd_import_ktb(args) -> int:
     from .interop.ktb import import_ktb
 
@@ -269,6 +277,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="write a compressed model file as a plain dense model: a state dict, "
+                                      "TorchScript, ONNX or safetensors")
+    p.add_argument("file", help="a compressed model file (model.bgd)")
+    p.add_argument("--format", required=True, choices=["dense", "torchscript", "onnx", "safetensors"])
+    p.add_argument("--out", required=True, help="the file to write (atomically)")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="onnx: the example input's size (default: the file's recorded preprocessing)")
+    p.add_argument("--opset", type=int, help="onnx: the opset version (default: the exporter's)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-ktb", help="convert a checkpoint released by the reference implementation")
     p.add_argument("file")

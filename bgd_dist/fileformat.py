@@ -459,9 +459,7 @@ def save_compressed(path: str | Path, model: nn.Module, plan: Plan, arch: dict,
         "producer": f"bgd-dist {__version__}", "arch": arch, "plan": plan.to_dict(), "metadata": metadata,
         "tensors": table, "payload_nbytes": payload_nbytes, "payload_sha256": digest,
     }
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-(PREFIX_NBYTES + len(header_bytes)) % ALIGN)
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes), hashlib.sha256(header_bytes).digest())
+    prefix, header_bytes = _encode_header(header)
 
     def write(f) -> None:
         f.write(prefix)
@@ -471,6 +469,14 @@ def save_compressed(path: str | Path, model: nn.Module, plan: Plan, arch: dict,
 
     atomic_write(path, write)
     return PREFIX_NBYTES + len(header_bytes) + payload_nbytes
+
+
+def _encode_header(header: dict) -> tuple[bytes, bytes]:
+    """(fixed prefix, JSON header padded so that the payload starts 8-byte aligned)."""
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-(PREFIX_NBYTES + len(header_bytes)) % ALIGN)
+    prefix = _PREFIX.pack(MAGIC, header["version"], 0, len(header_bytes), hashlib.sha256(header_bytes).digest())
+    return prefix, header_bytes
 
 
 def _msg(e: BaseException) -> str:
@@ -616,9 +622,14 @@ def _match_dtypes(model: nn.Module, state: dict[str, Tensor]) -> None:
             t.data = t.data.to(value.dtype)
 
 
-def load_compressed(path: str | Path, map_location: str | torch.device = "cpu",
+def load_compressed(path: str | Path, map_location: str | torch.device = "cpu", dense: bool = False,
                     model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model stored in a ``.bgd`` file; returns it in eval mode on ``map_location``.
+
+    ``dense=True`` returns the original architecture with plain layers, their weights the decoded
+    ones (:func:`bgd_dist.export.to_dense`): its state dict loads into the architecture with
+    ``strict=True``. Otherwise the planned layers are quantized modules (trainable centroids;
+    eval-mode inference decodes each weight once, see :mod:`bgd_dist.nn.modules`).
 
     The architecture is built by the allow-listed factory, every stored tensor
     but the codes is loaded into it strictly (the only keys the dense model may
@@ -643,9 +654,23 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu",
         state = {key: _decode_tensor(key, entry, payload) for key, entry in table.items()}
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{path}: corrupt header: {_msg(e)}") from None
+    model = assemble(path, header["arch"], plan, state, model)
+    if dense:
+        from .nn.modules import dequantize_
+
+        dequantize_(model)
+    return model.to(map_location)
+
+
+def assemble(path: Path, arch: dict, plan: Plan, state: dict[str, Tensor],
+             model: nn.Module | None = None) -> nn.Module:
+    """The quantized model (eval mode) from decoded state tensors: the architecture (``model``, a dense
+    instance of it, or built from ``arch``), every tensor but the codes loaded strictly, the planned
+    layers swapped for quantized modules built from the codes. Errors are :class:`FormatError`
+    naming ``path``."""
     try:
         if model is None:
-            model = _build_uninitialised(header["arch"])
+            model = _build_uninitialised(arch)
         elif not isinstance(model, nn.Module) or pq_layers(model):
             raise ValueError("model= must be a dense nn.Module of the file's architecture")
     except ValueError as e:
@@ -665,8 +690,8 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu",
         for entry in plan.layers:  # the architecture must be the one the plan was made for
             geometry = geometry_of(get_submodule(model, entry.name))
             if geometry != entry.geometry:
-                raise ValueError(f"layer {entry.name!r}: architecture {header['arch']['factory']!r} with kwargs "
-                                 f"{header['arch']['kwargs']} has {geometry}, the plan says {entry.geometry}")
+                raise ValueError(f"layer {entry.name!r}: architecture {arch['factory']!r} with kwargs "
+                                 f"{arch['kwargs']} has {geometry}, the plan says {entry.geometry}")
         # 1. everything but the codes goes into the dense model (strict: the only keys it may
         #    lack are the dense weights of the planned layers, which the codes replace) ...
         codes = {f"{name}.{part}" for name in codebooks for part in ("centroids", "assignments")}
@@ -676,7 +701,7 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu",
         result = model.load_state_dict(dense_state, strict=False)
         missing = [k for k in result.missing_keys if k not in replaced]
         if missing or result.unexpected_keys:
-            raise ValueError(f"the stored state does not match architecture {header['arch']['factory']!r}: "
+            raise ValueError(f"the stored state does not match architecture {arch['factory']!r}: "
                              f"missing keys {_few(missing)}, unexpected keys {_few(result.unexpected_keys)}")
         # 2. ... then the planned layers are swapped for quantized ones built from the codes
         #    (their biases come from the dense layers loaded above).
@@ -692,8 +717,26 @@ def load_compressed(path: str | Path, map_location: str | torch.device = "cpu",
                              f"{_few(sorted(keys - set(state)))}, unexpected keys {_few(sorted(set(state) - keys))}")
     except (ValueError, KeyError, RuntimeError) as e:
         raise FormatError(f"{path}: {_msg(e)}") from None
-    model.eval()
-    return model.to(map_location)
+    return model.eval()
+
+
+def update_metadata(path: str | Path, updates: dict) -> None:
+    """Merge ``updates`` (JSON-serialisable) into the file's metadata, rewriting it atomically; the
+    payload (the tensors) is copied unchanged and verified first."""
+    path = Path(path)
+    header, payload = _read_payload(path)
+    try:
+        merged = json.loads(json.dumps({**header.get("metadata", {}), **updates}))
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{path}: cannot update metadata: it must be JSON-serialisable: {e}") from None
+    prefix, header_bytes = _encode_header({**header, "metadata": merged})
+
+    def write(f) -> None:
+        f.write(prefix)
+        f.write(header_bytes)
+        f.write(payload.numpy().data)
+
+    atomic_write(path, write)
 
 
 def _few(keys: list[str], n: int = 8) -> str:
@@ -784,6 +827,31 @@ def format_inspect(info: dict) -> str:
                   f"{info['uncompressed_mb']:.2f} MB; ratio {info['ratio']:.1f}x accounted, "
                   f"{info['disk_ratio']:.1f}x on disk")
     lines.append(total)
-    if info.get("metadata"):
-        lines.append("metadata: " + json.dumps(info["metadata"], sort_keys=True))
+    lines += format_deployment(info.get("metadata") or {})
     return "\n".join(lines)
+
+
+def format_deployment(metadata: dict) -> list[str]:
+    """Readable lines of the deployment metadata a file records: the pipeline it came from, the
+    preprocessing, the class names, the evaluation metrics; other keys as JSON."""
+    lines = []
+    pipeline = metadata.get("pipeline")
+    if pipeline:
+        source = pipeline.get("checkpoint") or pipeline.get("weights") or "-"
+        lines.append(f"pipeline: {pipeline.get('name')} (adapter {pipeline.get('adapter')}, arch "
+                     f"{pipeline.get('arch')}, teacher {source}, objective {pipeline.get('objective')})")
+    pre = metadata.get("preprocessing")
+    if pre:
+        lines.append("preprocessing: " + ", ".join(f"{k}={v}" for k, v in pre.items()))
+    names = metadata.get("class_names")
+    if names:
+        shown = ", ".join(str(n) for n in names[:8])
+        lines.append(f"classes ({len(names)}): {shown}{', ...' if len(names) > 8 else ''}")
+    for which, values in (metadata.get("metrics") or {}).items():
+        if values:
+            lines.append(f"metrics ({which}): " + ", ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+    rest = {k: v for k, v in metadata.items() if k not in ("pipeline", "preprocessing", "class_names", "metrics")}
+    if rest:
+        lines.append("metadata: " + json.dumps(rest, sort_keys=True))
+    return lines

@@ -467,16 +467,23 @@ def _spatial_dims(bn: nn.Module) -> int:
 def export(r: Run) -> None:
     """``model.bgd``. The file stores fp16 centroids: the student is rounded first, so the metrics
     measured after are the file's."""
+    from .export import deployment_metadata
     from .fileformat import save_compressed
 
     round_centroids_fp16(r.student)
     with r.timers("export"):
         sizes = size_report(r.student, r.plan)
         save_compressed(r.out / "model.bgd", r.student, r.plan, r.adapter.arch(),
-                        metadata={"name": r.cfg.name, "compressed_mb": sizes.compressed_mb})
+                        metadata={"name": r.cfg.name, "compressed_mb": sizes.compressed_mb,
+                                  **deployment_metadata(r.cfg, r.adapter)})
 
 
 def write_report(r: Run) -> dict:
+    if r.metrics_after is not None:   # the file records what it scores (measured on the file itself)
+        from .fileformat import update_metadata
+
+        update_metadata(r.out / "model.bgd", {"metrics": {"teacher": r.metrics_before,
+                                                          "compressed": r.metrics_after}})
     uncompressed, sizes = size_report(r.teacher, r.plan), size_report(r.student, r.plan)
     r.report.update({
         "uncompressed_mb": uncompressed.uncompressed_mb, "compressed_mb": sizes.compressed_mb,

@@ -15,6 +15,7 @@ Implements the adapter protocol of :mod:`bgd_dist.adapters`:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -126,6 +127,30 @@ class ClassificationAdapter(ClassifierAdapter):
     def example_batch(self, batch_size: int = 1) -> Tensor:
         s = self.data.example_size
         return torch.zeros(batch_size, 3, s, s).normal_(generator=torch.Generator().manual_seed(0))
+
+    def preprocessing(self) -> dict:
+        d = self.data
+        return {"input_size": [3, d.image_size, d.image_size], "image": "RGB, values in [0, 1]",
+                "resize": d.resize, "interpolation": "bilinear", "center_crop": d.image_size,
+                "mean": list(d.mean), "std": list(d.std)}
+
+    def class_names(self) -> list[str] | None:
+        """The torchvision weights' categories (human-readable) when the teacher is a published
+        checkpoint, else the class folders of ``data.val`` when it is there."""
+        m = self.model_config
+        num_classes = int(m.kwargs.get("num_classes", 1000))
+        if m.weights and not m.checkpoint:
+            import torchvision
+
+            names = torchvision.models.get_model_weights(m.arch)[m.weights].meta.get("categories")
+            if names and len(names) == num_classes:
+                return list(names)
+        val = self.data.val
+        if isinstance(val, str) and Path(val).is_dir():
+            _, classes = list_images(val, "data.val", labelled=True)
+            if len(classes) == num_classes:
+                return list(classes)
+        return None
 
     # -- data -----------------------------------------------------------------------------------
     def data_paths(self) -> dict[str, str]:

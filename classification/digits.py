@@ -347,6 +347,14 @@ class DigitsAdapter(ClassifierAdapter):
         images, _ = digit_arrays()
         return render(images[self._train_idx[:batch_size]], self.data.image_size)
 
+    def preprocessing(self) -> dict:
+        s = self.data.image_size
+        return {"input_size": [1, s, s], "image": "8x8 grey digit, values in [0, 1], upsampled (bilinear)",
+                "mean": [0.5], "std": [0.5]}
+
+    def class_names(self) -> list[str]:
+        return [str(i) for i in range(N_CLASSES)]
+
     # -- data -----------------------------------------------------------------------------------
     def _augmented(self, positions: Tensor, seeds: list[int]) -> Tensor:
         images, _ = digit_arrays()

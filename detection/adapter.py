@@ -244,6 +244,41 @@ class MaskRCNNAdapter(AdapterBase):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.train()
 
+    def preprocessing(self) -> dict:
+        """Images go to the model as they are (a list of RGB (3, H, W) tensors in [0, 1], any size):
+        the model resizes and normalises them itself, as recorded here."""
+        from bgd_dist.fileformat import build_arch
+
+        transform = build_arch(self.arch(), device="meta").transform
+        return {"image": "RGB, values in [0, 1], any size; a list of (3, H, W) tensors",
+                "min_size": list(transform.min_size), "max_size": transform.max_size,
+                "mean": list(transform.image_mean), "std": list(transform.image_std),
+                "applied_by_the_model": True}
+
+    def class_names(self) -> list[str] | None:
+        """Per model label (label 0 is the background): the categories of ``data.val_annotations``
+        when it is there, else the torchvision weights' categories."""
+        from pathlib import Path
+
+        annotations = self.data.val_annotations
+        if isinstance(annotations, str) and Path(annotations).is_file():
+            from .coco import load_coco
+
+            coco = load_coco(annotations)
+            cats = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+            names = ["__background__"] + ["N/A"] * (self.num_classes - 1)
+            for label, cat in self.label_to_category().items():
+                names[label] = cats[cat]
+            return names
+        m = self.model_config
+        if m.weights and not m.checkpoint:
+            import torchvision
+
+            names = torchvision.models.get_model_weights(m.arch)[m.weights].meta.get("categories")
+            if names and len(names) == self.num_classes:
+                return list(names)
+        return None
+
     # -- data -----------------------------------------------------------------------------------
     def data_paths(self) -> dict[str, str]:
         """The folders and files this adapter reads (each node checks them before it starts)."""

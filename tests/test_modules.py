@@ -16,9 +16,12 @@ from bgd_dist.nn.modules import (
     PQConvTranspose2d,
     PQLayer,
     PQLinear,
+    dense_layer,
+    dequantize_,
     pq_layers,
     quantize_,
     quantized_from_dense,
+    set_weight_cache,
 )
 from bgd_dist.plan import Rule, build_plan
 
@@ -292,3 +295,150 @@ def test_quantized_module_follows_the_dense_dtype():
     x = torch.randn(2, 12, dtype=torch.float64)
     assert torch.equal(q(x), F.linear(x, codebook.decode(q.geometry).double(), dense.bias))
     assert isinstance(q, PQLayer) and q.codebook().n_centroids == 3
+
+
+# ----------------------------------------------------------------------------- inference: the decoded-weight cache
+
+def _counting(layer):
+    """Count the layer's decodes."""
+    calls = []
+    decode = layer.decode
+
+    def counted():
+        calls.append(1)
+        return decode()
+
+    layer.decode = counted
+    return calls
+
+
+def _fresh(layer, x):
+    """The output with a freshly decoded weight."""
+    with torch.no_grad():
+        return _functional(dense_layer(layer), x, layer.decode())
+
+
+@pytest.mark.parametrize("factory,block_size,n_centroids,x_shape", [l[1:] for l in LAYERS], ids=IDS)
+def test_eval_inference_decodes_once_and_matches(factory, block_size, n_centroids, x_shape):
+    dense, codebook, q = _make(factory, block_size, n_centroids)
+    x = torch.randn(x_shape, generator=_gen(1))
+    expected = _functional(dense, x, codebook.decode(geometry_of(dense)))
+    q.eval()
+    calls = _counting(q)
+    with torch.no_grad():
+        outs = [q(x) for _ in range(3)]
+    assert len(calls) == 1
+    for out in outs:
+        assert torch.equal(out, expected)
+    # dense_layer: the plain layer it replaced, same outputs
+    plain = dense_layer(q)
+    assert type(plain) is type(dense) and set(plain.state_dict()) == set(dense.state_dict())
+    with torch.no_grad():
+        assert torch.equal(plain(x), expected)
+
+
+def test_cache_is_never_stale():
+    dense, codebook, q = _make(lambda: nn.Conv2d(4, 6, 3, padding=1), 9, 5)
+    x = torch.randn(2, 4, 7, 6, generator=_gen(1))
+    q.eval()
+    calls = _counting(q)
+
+    def check(expect_decode: bool):
+        before = len(calls)
+        xq = x.to(q.centroids.dtype)
+        with torch.no_grad():
+            out = q(xq)
+        assert len(calls) == before + int(expect_decode)
+        assert torch.equal(out, _fresh(q, xq))
+        return out
+
+    first = check(True)
+    check(False)
+    with torch.no_grad():                                    # in-place change of the centroids
+        q.centroids.mul_(2)
+    assert not torch.equal(check(True), first)
+    with torch.no_grad():                                    # in-place change of the assignments
+        q.assignments.copy_(torch.roll(q.assignments, 1))
+    check(True)
+    other = copy.deepcopy(q.state_dict())
+    other["centroids"] = other["centroids"] + 1
+    q.load_state_dict(other)                                 # load_state_dict
+    check(True)
+    q.train().eval()                                         # train() drops it
+    check(True)
+    optimizer = torch.optim.SGD([q.centroids], lr=0.5)       # an optimizer step
+    q.centroids.grad = torch.ones_like(q.centroids)
+    optimizer.step()
+    check(True)
+    q.double()                                               # .to(dtype)
+    out = check(True)
+    assert out.dtype == torch.float64
+    q.centroids.data = q.centroids.data + 1                  # .data bypasses the version counter ...
+    q.clear_cache()                                          # ... clear_cache() is the remedy
+    check(True)
+
+
+def test_memory_lean_mode_decodes_per_call():
+    _, _, q = _make(lambda: nn.Linear(12, 5), 4, 6)
+    model = nn.Sequential(q).eval()
+    set_weight_cache(model, False)
+    calls = _counting(q)
+    x = torch.randn(3, 12, generator=_gen(1))
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert len(calls) == 2 and torch.equal(a, b) and q._cache is None
+    set_weight_cache(model, True)
+    with torch.no_grad():
+        assert torch.equal(model(x), a) and torch.equal(model(x), a)
+    assert len(calls) == 3
+
+
+def test_gradients_flow_whenever_they_can_reach_the_centroids():
+    """Training and eval-mode distillation (the detection adapter distils in eval mode) decode per
+    call through the mean-gradient function; a frozen model still passes gradients to its input."""
+    dense, codebook, q = _make(lambda: nn.Conv2d(4, 6, 3, padding=1), 9, 5)
+    x = torch.randn(2, 4, 7, 6, generator=_gen(1))
+    for mode in (True, False):
+        q.train(mode)
+        q.centroids.grad = None
+        q(x).square().sum().backward()
+        assert q.centroids.grad is not None and q.centroids.grad.abs().sum() > 0
+        assert q._cache is None
+    with torch.no_grad():
+        q(x)                                                  # warm the cache
+    q.centroids.requires_grad_(False)
+    xi = x.clone().requires_grad_(True)
+    q(xi).sum().backward()                                    # the cached weight meets autograd
+    assert xi.grad is not None and xi.grad.abs().sum() > 0
+    with torch.inference_mode():
+        q.centroids.requires_grad_(True)
+        out = q(x)
+    assert torch.equal(out, _fresh(q, x))
+
+
+def test_cache_is_not_pickled():
+    _, _, q = _make(lambda: nn.Linear(64, 32), 4, 6)
+    size = len(pickle.dumps(q.eval()))
+    with torch.no_grad():
+        q(torch.randn(3, 64))
+    assert q._cache is not None
+    assert len(pickle.dumps(q)) == size
+    assert pickle.loads(pickle.dumps(q))._cache is None and copy.deepcopy(q)._cache is None
+
+
+def test_dequantize_gives_the_original_architecture():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).eval()
+    plan = build_plan(model, [Rule(r"0", block_size=9, n_centroids=4), Rule(r"3", block_size=4, n_centroids=8)],
+                      run=lambda m: m(torch.zeros(1, 3, 6, 6)))
+    codebooks = {l.name: _random_codebook(l.geometry, l.block_size, l.n_centroids) for l in plan.quantized}
+    quantize_(model, plan, codebooks)
+    x = torch.randn(2, 3, 6, 6, generator=_gen(2))
+    with torch.no_grad():
+        expected = model(x)
+    dequantize_(model)
+    assert not pq_layers(model) and [type(m) for m in model] == [nn.Conv2d, nn.ReLU, nn.Flatten, nn.Linear]
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).eval()
+    plain.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(plain(x), expected)

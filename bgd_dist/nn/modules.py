@@ -1,10 +1,21 @@
 """Quantized layers: centroids are parameters, assignments buffers (METHOD.md §4).
 
-The dense weight is decoded on every forward by :class:`_DecodeMeanGrad`, an
-autograd function whose backward gives each centroid the MEAN of the
-gradients of its assigned subvectors. Because the averaging lives in the
-function (not in a tensor hook), it survives ``pickle`` / ``deepcopy`` and
-crossing Ray process boundaries.
+While gradients can flow (training, distillation, or any forward with grad
+enabled on trainable centroids) the dense weight is decoded on every forward
+by :class:`_DecodeMeanGrad`, an autograd function whose backward gives each
+centroid the MEAN of the gradients of its assigned subvectors. Because the
+averaging lives in the function (not in a tensor hook), it survives
+``pickle`` / ``deepcopy`` and crossing Ray process boundaries.
+
+Inference runs at dense speed: in eval mode, when no gradient can reach the
+centroids, a layer decodes its weight once and reuses it until the centroids
+or the assignments change. The cached weight is keyed on both tensors'
+identity, version counters (every in-place change bumps them: optimizer steps,
+``copy_``, ``load_state_dict``), device and dtype, and is dropped on
+``train()``, ``.to()`` / ``.cuda()`` / ``.half()`` and pickling, so it is never
+stale (the one exception is writing through ``.data``, which bypasses version
+counters: call :meth:`PQLayer.clear_cache` after that). The memory-lean mode,
+decoding per call as in training, is ``set_weight_cache(model, False)``.
 """
 
 from __future__ import annotations
@@ -53,18 +64,66 @@ class PQLayer(nn.Module):
         self.register_buffer("counts", torch.bincount(self.assignments, minlength=centroids.shape[0]),
                              persistent=False)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.cache_weight = True      # eval-mode inference reuses the decoded weight (see the module doc)
+        self._cache: tuple[tuple, Tensor] | None = None
 
     @property
     def n_centroids(self) -> int:
         return self.centroids.shape[0]
 
-    @property
-    def weight(self) -> Tensor:
+    def decode(self) -> Tensor:
+        """The dense weight, decoded now (differentiable w.r.t. the centroids, mean gradients)."""
         counts = self.counts
         if counts.device != self.assignments.device:  # pragma: no cover - moved by hand
             counts = counts.to(self.assignments.device)
         sub = _DecodeMeanGrad.apply(self.centroids, self.assignments, counts)
         return from_subvectors(sub, self.geometry, self.block_size, self.layer_name)
+
+    def _cache_key(self) -> tuple:
+        c, a = self.centroids, self.assignments
+        return (c.data_ptr(), c._version, c.device, c.dtype, tuple(c.shape),
+                a.data_ptr(), a._version, a.device, tuple(a.shape))
+
+    def _use_cache(self) -> bool:
+        if not self.cache_weight or self.training:
+            return False
+        # a gradient could reach the centroids: decode through the autograd function
+        return not (torch.is_grad_enabled() and self.centroids.requires_grad)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight: decoded per call while gradients may flow, else the cached decoding."""
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or not self._use_cache():
+            return self.decode()
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            # outside inference mode, so the cached tensor may later meet autograd (e.g. an input
+            # that requires grad while the centroids are frozen)
+            with torch.inference_mode(False), torch.no_grad():
+                w = self.decode().contiguous()
+            self._cache = (key, w)
+        return self._cache[1]
+
+    def clear_cache(self) -> None:
+        """Drop the cached dense weight (needed only after writing through ``.data``)."""
+        self._cache = None
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {**state, "_cache": None}
+
+    def __setstate__(self, state):
+        state.setdefault("cache_weight", True)
+        state.setdefault("_cache", None)
+        super().__setstate__(state)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         incoming = state_dict.get(prefix + "assignments")
@@ -75,6 +134,7 @@ class PQLayer(nn.Module):
                              f"in the state dict")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.counts = torch.bincount(self.assignments, minlength=self.centroids.shape[0])
+        self._cache = None
 
     def codebook(self) -> Codebook:
         return Codebook(self.centroids.detach().clone(), self.assignments.clone(), ())
@@ -187,3 +247,44 @@ def quantize_(model: nn.Module, plan, codebooks: dict[str, Codebook]) -> nn.Modu
 
 def pq_layers(model: nn.Module) -> dict[str, PQLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PQLayer)}
+
+
+def set_weight_cache(model: nn.Module, enabled: bool) -> nn.Module:
+    """Eval-mode inference reuses each layer's decoded weight (``True``, the default: dense speed,
+    one dense weight per layer in memory) or decodes it on every call (``False``: memory-lean)."""
+    for layer in pq_layers(model).values():
+        layer.cache_weight = bool(enabled)
+        layer.clear_cache()
+    return model
+
+
+def dense_layer(layer: PQLayer) -> nn.Module:
+    """The plain ``nn.Conv2d`` / ``nn.ConvTranspose2d`` / ``nn.Linear`` computing what ``layer`` computes,
+    its weight the decoded one (same device and dtype)."""
+    g = layer.geometry
+    s = g.weight_shape
+    bias = layer.bias is not None
+    factory = {"device": "meta"}
+    if isinstance(layer, PQConv2d):
+        dense = nn.Conv2d(s[1] * g.groups, s[0], g.kernel_size, g.stride, g.padding, g.dilation, g.groups,
+                          bias, layer.padding_mode, **factory)
+    elif isinstance(layer, PQConvTranspose2d):
+        dense = nn.ConvTranspose2d(s[0], s[1] * g.groups, g.kernel_size, g.stride, g.padding,
+                                   layer.output_padding, g.groups, bias, g.dilation, **factory)
+    elif isinstance(layer, PQLinear):
+        dense = nn.Linear(s[1], s[0], bias, **factory)
+    else:  # pragma: no cover - every PQ type is listed above
+        raise TypeError(f"layer {layer.layer_name!r}: no dense counterpart for {type(layer).__name__}")
+    with torch.no_grad():
+        dense.weight = nn.Parameter(layer.decode().detach().contiguous().clone())
+        if bias:
+            dense.bias = nn.Parameter(layer.bias.detach().clone())
+    return dense.train(layer.training)
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer of ``model`` by its plain dense counterpart, in place: the result
+    is the original architecture (its state dict loads into it with ``strict=True``)."""
+    for name, layer in pq_layers(model).items():
+        set_submodule(model, name, dense_layer(layer))
+    return model
