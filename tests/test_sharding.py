@@ -67,7 +67,7 @@ def test_adapters_and_evaluators_declare_the_optional_hooks():
     adapter = toy()
     assert isinstance(adapter, Adapter) and isinstance(adapter.evaluator(), Evaluator)
     assert adapter.evaluator().write_results("unused.json") is None
-    assert adapter.data_fingerprint() == {"n_images": 12, "image_size": 16, "seed": 0}
+    assert adapter.data_fingerprint() == {"n_images": 12, "image_size": 16, "seed": 0, "data_dir": None}
     model = adapter.build_model()
     adapter.set_train_mode(model, True)
     assert model.training
