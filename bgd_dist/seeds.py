@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+
+import torch
+
+
+@contextlib.contextmanager
+def fixed_init(seed: int = 0):
+    """Build a model's random initialisation from ``seed`` without touching the caller's random
+    state: every process that builds the same architecture without weights (the driver, each
+    worker) gets the same model, whatever ran before it. Also a decorator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
+from bgd_dist.seeds import fixed_init
+
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +29,8 @@ def build_classifier(arch: str, weights: str | None = None, checkpoint: str | No
     except ValueError:
         raise ValueError(f"model.arch: unknown torchvision classifier {arch!r}") from None
     if checkpoint:
-        model = builder(weights=None, **kwargs)
+        with fixed_init():
+            model = builder(weights=None, **kwargs)
         model.load_state_dict(load_state_dict(checkpoint))
     elif weights:
         enum = torchvision.models.get_model_weights(arch)
@@ -43,7 +46,8 @@ def build_classifier(arch: str, weights: str | None = None, checkpoint: str | No
                 f"{w.url} elsewhere and pass it with --set model.checkpoint=/path/to/file.pth"
             ) from e
     else:
-        model = builder(weights=None, **kwargs)
+        with fixed_init():
+            model = builder(weights=None, **kwargs)
     return model.eval()
 
 

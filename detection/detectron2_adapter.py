@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bgd_dist.seeds import fixed_init
+
 from .adapter import MaskRCNNAdapter, MaskRCNNOutputs, _images
 from .coco import category_mapping
 
@@ -213,7 +215,8 @@ def build_detectron2_maskrcnn(config: str = DEFAULT_CONFIG, weights: str | None 
 
     cfg = detectron2_config(config, num_classes, min_size_test, max_size_test, opts, input_format,
                             pixel_mean, pixel_std)
-    model = build_model(cfg)
+    with fixed_init():   # a random model is the same in every process
+        model = build_model(cfg)
     if weights:
         DetectionCheckpointer(model).load(model_zoo.get_checkpoint_url(config_path(config))
                                           if weights == "model_zoo" else weights)

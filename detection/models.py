@@ -31,6 +31,8 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_ops
 
+from bgd_dist.seeds import fixed_init
+
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_small")
 
 
@@ -98,6 +100,7 @@ def _norm(norm: str):
     raise ValueError(f"model.kwargs.norm: expected frozen_bn or bn, got {norm!r}")
 
 
+@fixed_init()
 def build_small_maskrcnn(num_classes: int = 4, backbone: str = "resnet_body", widths=(32, 64, 128, 256),
                          blocks=(1, 1, 1, 1), fpn_channels: int = 64, representation_size: int = 256,
                          mask_layers=(64, 64, 64, 64), mask_dim_reduced: int = 64, min_size: int = 128,
@@ -212,6 +215,7 @@ def build_maskrcnn(arch: str = "maskrcnn_resnet50_fpn", weights: str | None = No
     return model.eval()
 
 
+@fixed_init()
 def _maskrcnn_resnet50_fpn(norm: str, num_classes: int = 91, **kwargs) -> MaskRCNN:
     """torchvision's ``maskrcnn_resnet50_fpn`` structure (same module names and state-dict keys)
     with the normalisation layer chosen here."""
