@@ -12,7 +12,11 @@ import torch
 def fixed_init(seed: int = 0):
     """Build a model's random initialisation from ``seed`` without touching the caller's random
     state: every process that builds the same architecture without weights (the driver, each
-    worker) gets the same model, whatever ran before it. Also a decorator."""
+    worker) gets the same model, whatever ran before it. Also a decorator. Under a meta-device
+    context (a build whose values do not matter) it does nothing."""
+    if torch.get_default_device().type == "meta":
+        yield
+        return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

@@ -18,14 +18,13 @@ the tests; it checks the same targets.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
-import torch
+from bgd_dist.rundir import file_sha256
 
 log = logging.getLogger("bgd.demo")
 
@@ -49,19 +48,11 @@ QUICK = {"n_train": 120, "n_val": 40, "overrides": [
 PHASES = ("data", "collect", "fit", "layerwise", "global", "export", "eval_teacher", "eval_student", "figure")
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_teacher(path: Path = TEACHER) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"teacher checkpoint {path} is missing; re-create it with "
                                 f"`python -m detection.train_teacher --out {path}`")
-    digest = sha256_of(path)
+    digest = file_sha256(path)
     if digest != TEACHER_SHA256:
         raise ValueError(f"teacher checkpoint {path} has sha256 {digest}, expected {TEACHER_SHA256}: the file is "
                          f"damaged or was replaced (a re-trained teacher needs TEACHER_SHA256 in {__file__} updated)")

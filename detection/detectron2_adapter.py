@@ -247,6 +247,17 @@ class Detectron2Adapter(MaskRCNNAdapter):
         weights = m.checkpoint or ("model_zoo" if m.weights else None)
         return build_detectron2_maskrcnn(m.arch or DEFAULT_CONFIG, weights, **m.kwargs)
 
+    def preprocessing(self) -> dict:
+        """detectron2's inputs: a list of ``{"image", "height", "width"}`` with the image resized to
+        the test size (shorter side ``min_size``, longer at most ``max_size``), in ``input_format``
+        channel order, values 0-255; the model subtracts ``mean`` and divides by ``std`` itself.
+        Read from the resolved config (no model is built for it)."""
+        a = self.arch()["kwargs"]
+        return {"image": f"{a['input_format']}, values 0-255, resized by the caller to the test size; a list of "
+                         f"{{'image': (3, H, W), 'height': h, 'width': w}}",
+                "min_size": [a["min_size_test"]], "max_size": a["max_size_test"], "input_format": a["input_format"],
+                "mean": a["pixel_mean"], "std": a["pixel_std"], "normalised_by_the_model": True}
+
     def arch(self) -> dict:
         """The architecture as plain JSON, resolved from detectron2's config: the zoo config name,
         the overrides (``opts``), the number of classes, the input format, the pixel mean and std

@@ -295,7 +295,6 @@ E2E_RULES = [{"match": r"roi_heads\.box_head\.fc1", "block_size": 16},
              {"match": E2E_LAYERS, "kind": "linear", "block_size": 4},
              {"match": E2E_LAYERS, "kind": "conv_transpose2d", "block_size": 4},
              {"match": E2E_LAYERS, "kernel": [3, 3], "block_size": 9},
-             {"match": E2E_LAYERS, "kernel": [1, 1], "block_size": 4},
              {"match": ".*", "skip": True}]
 
 

@@ -80,14 +80,14 @@ def test_digits_on_two_worker_nodes_equals_the_serial_executor(cluster, tmp_path
         (stats_r, fits_r), (stats_s, fits_s) = recorded["ray"], recorded["serial"]
         assert len(stats_r) == len(stats_s) > 1
         for a, b in zip(stats_r, stats_s):
-            assert a.keys() == b.keys()
-            for n in a:
-                torch.testing.assert_close(a[n].gram, b[n].gram, rtol=1e-9, atol=0)
-                assert a[n].n_rows == b[n].n_rows > 0
+            assert a.stats.keys() == b.stats.keys()
+            for n in a.stats:
+                torch.testing.assert_close(a.stats[n].gram, b.stats[n].gram, rtol=1e-9, atol=0)
+                assert a.stats[n].n_rows == b.stats[n].n_rows > 0
         for a, b in zip(fits_r, fits_s):
             for n in a:
-                assert torch.equal(a[n][0].assignments, b[n][0].assignments)
-                torch.testing.assert_close(a[n][0].centroids, b[n][0].centroids, rtol=1e-6, atol=1e-7)
+                assert torch.equal(a[n].codebook.assignments, b[n].codebook.assignments)
+                torch.testing.assert_close(a[n].codebook.centroids, b[n].codebook.centroids, rtol=1e-6, atol=1e-7)
         assert (tmp_path / "ray" / "model.bgd").read_bytes() == (tmp_path / "serial" / "model.bgd").read_bytes()
 
         # distillation across the two nodes (gloo group) equals one worker with the global batch
@@ -99,8 +99,8 @@ def test_digits_on_two_worker_nodes_equals_the_serial_executor(cluster, tmp_path
         single = one.distill(spec)
         ray_ex.load_student(payload)
         parallel = ray_ex.distill(spec)
-        for n, centroids in single["centroids"].items():
-            torch.testing.assert_close(parallel["centroids"][n], centroids, rtol=1e-5, atol=1e-5)
+        for n, centroids in single.centroids.items():
+            torch.testing.assert_close(parallel.centroids[n], centroids, rtol=1e-5, atol=1e-5)
     finally:
         ray_ex.close()
 
