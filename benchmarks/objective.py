@@ -1,4 +1,4 @@
-"""Which objective fits a layer best at the same size: weights vs paper vs hessian (issue #6).
+"""Which objective fits a layer best at the same size: weights vs paper vs hessian.
 
 For every layer a pipeline quantizes, on the trained teacher:
 

@@ -1,4 +1,4 @@
-"""``quantize.target_mb``: choose every layer's (d, K) to meet a size budget (issue #6).
+"""``quantize.target_mb``: choose every layer's (d, K) to meet a size budget.
 
 1. The candidates of each layer the rules quantize: the allowed block sizes
    that divide its row length x the allowed K (clamped), plus its rule's own

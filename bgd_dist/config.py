@@ -140,7 +140,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class HessianConfig:
-    """Settings of the ``hessian`` objective (issue #6; bgd_dist/core/hessian.py)."""
+    """Settings of the ``hessian`` objective (bgd_dist/core/hessian.py)."""
 
     damp: float = 0.01                # λ = damp · mean(diag H) added before inverting H (GPTQ's percdamp)
     rounds: int = 4                   # error-feedback assignment + exact codebook update, alternated

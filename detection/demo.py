@@ -33,7 +33,7 @@ PIPELINE = REPO / "pipelines" / "shapes_maskrcnn.yaml"
 TEACHER = REPO / "detection" / "assets" / "shapes_maskrcnn.pt"
 TEACHER_SHA256 = "39209e4066dcb1409169515f0fc4573b596f4cc9ff0880ee2774f8e1cb5180c6"
 
-# targets (the issue): teacher box AP >= 0.5; student >= 15x smaller (paper's accounting),
+# targets: teacher box AP >= 0.5; student >= 15x smaller (paper's accounting),
 # box AP and mask AP >= 0.9 x the teacher's
 MIN_TEACHER_BOX_AP = 0.5
 MIN_RATIO = 15.0

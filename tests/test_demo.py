@@ -1,4 +1,4 @@
-"""`bgd demo --quick`: the end-to-end demo on a local Ray cluster, with the issue's targets asserted."""
+"""`bgd demo --quick`: the end-to-end demo on a local Ray cluster, with its targets asserted."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""The hessian objective (issue #6): full input statistics, error feedback, exact codebook."""
+"""The hessian objective: full input statistics, error feedback, exact codebook."""
 
 import json
 import logging

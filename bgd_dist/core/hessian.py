@@ -1,4 +1,4 @@
-"""The ``hessian`` objective: full input statistics, error feedback, exact codebook (issue #6).
+"""The ``hessian`` objective: full input statistics, error feedback, exact codebook.
 
 The paper minimises, block by block, ``(w - c)ᵀ G (w - c)`` with one pooled
 ``d x d`` metric ``G`` (METHOD.md §2). The layer-output error it stands for is

@@ -149,7 +149,7 @@ class HessianStats(_SummedMatrix):
     ``C_in/groups · kh · kw`` values, one input vector for linear), so
     ``tr((W - Ŵ) H (W - Ŵ)ᵀ) / n_inputs`` is the mean squared layer-output
     error of the weight matrix ``Ŵ`` exactly, cross-terms between blocks
-    included (issue #6), for conv2d and linear layers (transposed convs with
+    included, for conv2d and linear layers (transposed convs with
     overlapping windows: per input pixel, as the paper's metric). Grouped
     convolutions are refused (each group sees its own inputs). The paper's pooled metric is the sum of its ``d x d``
     diagonal blocks (:meth:`pooled`), so one pass serves both objectives.
