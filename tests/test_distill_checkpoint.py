@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from bgd_dist.adapters import make_adapter, plan_for
 from bgd_dist.core.kmeans import fit_codebook
 from bgd_dist.executor import SerialExecutor
 from bgd_dist.finetune import PhaseSpec, PhaseState
@@ -14,15 +13,12 @@ from bgd_dist.nn.modules import get_submodule, quantize_
 from bgd_dist.phases import checkpoint_path, load_checkpoint, run_phase, save_checkpoint, start_digest
 from bgd_dist.student import student_state
 
-from toy import toy_config
+from toy import toy_setup
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = toy_config()
-    adapter = make_adapter(cfg.model, cfg.data)
-    teacher = adapter.build_model()
-    plan = plan_for(cfg, teacher, adapter)
+    cfg, adapter, teacher, plan = toy_setup()
     student = copy.deepcopy(teacher)
     codebooks = {}
     for l in plan.quantized:

@@ -9,7 +9,6 @@ import logging
 import pytest
 import torch
 
-from bgd_dist.adapters import make_adapter, plan_for
 from bgd_dist.core.kmeans import fit_codebook
 from bgd_dist.core.stats import make_stats
 from bgd_dist.executor import SerialExecutor
@@ -17,7 +16,7 @@ from bgd_dist.finetune import PhaseSpec
 from bgd_dist.nn.modules import get_submodule, quantize_
 from bgd_dist.student import student_state
 
-from toy import toy_config
+from toy import toy_setup
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -25,10 +24,7 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = toy_config()
-    adapter = make_adapter(cfg.model, cfg.data)
-    teacher = adapter.build_model()
-    plan = plan_for(cfg, teacher, adapter)
+    cfg, adapter, teacher, plan = toy_setup()
     return cfg, adapter, teacher, plan
 
 

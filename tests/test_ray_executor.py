@@ -6,7 +6,6 @@ import pytest
 import ray
 import torch
 
-from bgd_dist.adapters import make_adapter, plan_for
 from bgd_dist.core.kmeans import fit_codebook
 from bgd_dist.distributed.ray_executor import RayExecutor
 from bgd_dist.executor import SerialExecutor
@@ -16,17 +15,14 @@ from bgd_dist.runner import run
 from bgd_dist.student import student_state
 from bgd_dist.messages import CollectRequest, FitJob, FitSettings, LayerRequest
 
-from toy import toy_config
+from toy import toy_config, toy_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = toy_config()
-    adapter = make_adapter(cfg.model, cfg.data)
-    teacher = adapter.build_model()
-    plan = plan_for(cfg, teacher, adapter)
+    cfg, adapter, teacher, plan = toy_setup()
     return cfg, adapter, teacher, plan
 
 

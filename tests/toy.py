@@ -34,3 +34,13 @@ def toy_config(**sections):
         else:
             raw[key] = value
     return pipeline_from_dict(raw)
+
+
+def toy_setup(**sections):
+    """``(cfg, adapter, teacher, plan)`` of :func:`toy_config` (the traced plan of its teacher)."""
+    from bgd_dist.adapters import make_adapter, plan_for
+
+    cfg = toy_config(**sections)
+    adapter = make_adapter(cfg.model, cfg.data)
+    teacher = adapter.build_model()
+    return cfg, adapter, teacher, plan_for(cfg, teacher, adapter)
