@@ -194,6 +194,8 @@ class QuantizeConfig:
     target_mb: float | None = None    # size budget (paper accounting): choose d and K per layer to meet it
     allocation: AllocationConfig = AllocationConfig()
     clamp: bool = True
+    keep_stats: str = "pooled"        # stages/<k>/stats.pt: pooled (Hessians reduced to the paper's d x d Gram) |
+                                      # full (as collected, L x L float64) | none (resume never reads them)
     n_calibration: int = 1024         # calibration images per stage
     batch_size: int = 128
     seed: int = 0
@@ -205,6 +207,8 @@ class QuantizeConfig:
             raise ValueError(f"objective: unknown value {self.objective!r}; expected one of {OBJECTIVES}")
         if self.refine not in ("hartigan", "lloyd"):
             raise ValueError(f"refine: unknown value {self.refine!r}; expected hartigan or lloyd")
+        if self.keep_stats not in ("pooled", "full", "none"):
+            raise ValueError(f"keep_stats: unknown value {self.keep_stats!r}; expected pooled, full or none")
         if self.init not in ("random", "kmeans++"):
             raise ValueError(f"init: unknown value {self.init!r}; expected random or kmeans++")
         if self.target_mb is not None and not self.target_mb > 0:
@@ -322,6 +326,8 @@ class ExecutorConfig:
     schedule_timeout_s: float | None = None   # wait this long for actor resources the cluster lacks now (None:
     #                                           fail at once, or 600 s if the cluster autoscales)
     start_timeout_s: float = 600.0    # a stats actor's start-up (building its model replica)
+    threads_per_worker: int | None = None   # torch intra-op threads per worker; None: 1 per Ray actor, the
+                                            # process's own setting for the serial executor
 
     def __post_init__(self):
         for key, amount in self.actor_resources.items():
@@ -333,6 +339,8 @@ class ExecutorConfig:
             raise ValueError(f"start_timeout_s: must be > 0, got {self.start_timeout_s}")
         if self.kind not in ("ray", "serial"):
             raise ValueError(f"kind: unknown executor {self.kind!r}; expected ray or serial")
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker: must be >= 1, got {self.threads_per_worker}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
 

@@ -75,10 +75,13 @@ class Executor:
 
 
 def merge_shard_results(results: list[ShardStats]) -> CollectResult:
-    """Merge per-shard ``collect`` results (in shard order)."""
+    """Merge per-shard ``collect`` results (in shard order). Each layer's shard states are let go
+    once merged, so the driver holds the shards' copies of one layer at a time, not of the stage."""
     names = list(results[0].states)
-    stats = {n: merge_all([stats_from_state(r.states[n]) for r in results]) for n in names}
-    return CollectResult(stats, sum(r.n_images for r in results), sum(r.seconds for r in results))
+    stats = {n: merge_all([stats_from_state(r.states.pop(n)) for r in results]) for n in names}
+    return CollectResult(stats, sum(r.n_images for r in results), sum(r.seconds for r in results),
+                         sum(r.data_seconds for r in results),
+                         tuple(r.n_images / r.seconds if r.seconds > 0 else 0.0 for r in results))
 
 
 class SerialExecutor(Executor):

@@ -44,6 +44,7 @@ class ShardStats:
     states: dict
     n_images: int
     seconds: float
+    data_seconds: float = 0.0   # of ``seconds``, the time spent waiting for batches (reading, decoding images)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,18 @@ class CollectResult:
     stats: dict
     n_images: int
     seconds: float          # the sum over the shards of their collection time
+    data_seconds: float = 0.0   # of which waiting for batches (reading and decoding images)
+    shard_rates: tuple = ()     # images per second of each shard's worker, in shard order
+
+    @property
+    def images_per_s(self) -> float:
+        """Images per second of one worker (the mean over the shards)."""
+        return sum(self.shard_rates) / len(self.shard_rates) if self.shard_rates else 0.0
+
+    @property
+    def data_share(self) -> float:
+        """The share of the workers' collection time spent waiting for batches."""
+        return self.data_seconds / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def nbytes(self) -> int:

@@ -45,6 +45,7 @@ def fingerprinted_config(cfg: PipelineConfig) -> dict:
     """The resolved config as the fingerprint sees it (only the number of shards of the executor)."""
     conf = yaml.safe_load(cfg.to_yaml())
     conf["executor"] = {"num_workers": cfg.executor.num_workers}  # shards matter, the rest does not
+    conf["quantize"].pop("keep_stats", None)                      # what is kept for inspection does not
     return conf
 
 
@@ -209,9 +210,26 @@ def codebooks_from(obj: dict, names: list[str]) -> dict:
     return {n: Codebook(obj[f"{n}.centroids"], obj[f"{n}.assignments"], ()) for n in names}
 
 
-def save_stage_stats(path: Path, stats: dict) -> None:
-    """``stages/<k>/stats.pt``: the merged statistics a stage was fitted with."""
+def save_stage_stats(path: Path, stats: dict, keep: str = "full") -> int:
+    """``stages/<k>/stats.pt``: the merged statistics a stage was fitted with, for inspection (a
+    resumed run never reads them: a finished stage replays its codebooks, an unfinished one collects
+    again). ``keep``: ``full`` as collected; ``pooled``: a full ``L x L`` Hessian reduced to the
+    paper's ``d x d`` Gram of the same inputs (the sum of its diagonal blocks; other kinds as they
+    are), which is what makes a Hessian run's directory as small as a paper run's; ``none``: no file.
+    Returns the bytes written."""
+    path = Path(path)
+    if keep == "none":
+        path.unlink(missing_ok=True)
+        return 0
+    if keep == "pooled":
+        stats = {n: st.pooled() if hasattr(st, "pooled") else st for n, st in stats.items()}
     atomic_write(path, lambda f: torch.save({n: st.state() for n, st in stats.items()}, f))
+    return path.stat().st_size
+
+
+def directory_bytes(path: Path) -> int:
+    """The bytes of every file under ``path``."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def load_stage_stats(path: Path) -> dict:

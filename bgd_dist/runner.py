@@ -43,8 +43,9 @@ from .phases import checkpoint_path, run_phase
 from .plots import LossPlot
 from .progress import bar as progress_bar
 from .plan import LayerPlan, Plan
-from .rundir import (MANIFEST_VERSION, JsonlLog, Manifest, codebooks_from, fingerprinted_config,  # noqa: F401
-                     load_stage, load_stage_stats, run_fingerprint, save_stage, save_stage_stats, tensor_digest)
+from .rundir import (MANIFEST_VERSION, JsonlLog, Manifest, codebooks_from, directory_bytes,  # noqa: F401
+                     fingerprinted_config, load_stage, load_stage_stats, run_fingerprint, save_stage, save_stage_stats,
+                     tensor_digest)
 from .runlock import RunDirectoryLocked, RunLock  # noqa: F401 (re-exported)
 from .seeds import Seeds
 from .student import student_state
@@ -214,6 +215,20 @@ class Stage:
     bytes_shipped: int = 0
     fitted: dict[str, FitResult] = field(default_factory=dict)
     losses: list = field(default_factory=list)
+    throughput: list = field(default_factory=list)   # the CollectResult of each calibration pass
+    stats_file_bytes: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        """Calibration images per second of one worker, over the stage's passes."""
+        rates = [rate for part in self.throughput for rate in part.shard_rates]
+        return sum(rates) / len(rates) if rates else 0.0
+
+    @property
+    def data_share(self) -> float:
+        """The share of the workers' collection time spent waiting for images (reading, decoding)."""
+        total = sum(part.seconds for part in self.throughput)
+        return sum(part.data_seconds for part in self.throughput) / total if total > 0 else 0.0
 
     @property
     def names(self) -> list[str]:
@@ -341,12 +356,15 @@ def collect(r: Run, st: Stage) -> None:
                                                          r.seeds.collect(st.index)), progress=bar.update)
                 st.peak_bytes = max(st.peak_bytes, part.nbytes)
                 st.stats.update(part.stats)
-        save_stage_stats(st.dir / "stats.pt", st.stats)
+                st.throughput.append(part)
+        st.stats_file_bytes = save_stage_stats(st.dir / "stats.pt", st.stats, q.keep_stats)
         st.passes = len(passes)
         st.stats_bytes = sum(s.nbytes for s in st.stats.values()) * r.executor.num_shards
-        log.info("%s statistics (%s, %d calibration pass%s): %.3f MB per worker, %.3f MB returned to the driver",
-                 st.label, ", ".join(sorted({o.stats for o in st.objectives.values()})), st.passes,
-                 "" if st.passes == 1 else "es", st.peak_bytes / MB, st.stats_bytes / MB)
+        log.info("%s statistics (%s, %d calibration pass%s): %.3f MB per worker, %.3f MB returned to the driver; "
+                 "%.1f images/s per worker, %.0f%% of it waiting for images", st.label,
+                 ", ".join(sorted({o.stats for o in st.objectives.values()})), st.passes,
+                 "" if st.passes == 1 else "es", st.peak_bytes / MB, st.stats_bytes / MB, st.images_per_s,
+                 100 * st.data_share)
 
 
 def fit(r: Run, st: Stage) -> None:
@@ -402,6 +420,9 @@ def checkpoint(r: Run, st: Stage) -> None:
     info = {"stage": st.index, "layers": st.names, "bytes_shipped": st.bytes_shipped,
             "stats_bytes_returned": st.stats_bytes, "stats_memory_bytes": st.peak_bytes, "stats_passes": st.passes,
             "stats_kinds": sorted({o.stats for o in st.objectives.values()}),
+            "stats_file_bytes": st.stats_file_bytes,
+            "collect_images_per_s_per_worker": round(st.images_per_s, 3) if st.throughput else None,
+            "collect_data_share": round(st.data_share, 4) if st.throughput else None,
             "loss_start": st.losses[0] if st.losses else None, "loss_end": st.losses[-1] if st.losses else None}
     r.report["stages"].append(info)
     r.log.write("stage", **info)
@@ -490,6 +511,7 @@ def write_report(r: Run) -> dict:
         "ratio": sizes.ratio, "file_bytes": (r.out / "model.bgd").stat().st_size,
         "metrics_before": r.metrics_before, "metrics_after": r.metrics_after,
         "skipped_images": len(r.skipped_items), "seconds": r.timers.total(), "numerics": numerics(),
+        "run_dir_bytes": directory_bytes(r.out),   # before report.json and the final figure
     })
     if r.skipped_items:
         log.warning("%d unreadable input files were left out (data.on_bad_image: skip); log.jsonl lists them",
@@ -506,11 +528,12 @@ def make_executor(cfg: PipelineConfig, kind: str | None = None, address: str | N
     e = cfg.executor
     kind = kind or e.kind
     if kind == "serial":
-        return SerialExecutor(num_shards=e.num_workers)
+        return SerialExecutor(num_shards=e.num_workers, threads=e.threads_per_worker)
     from .distributed.ray_executor import RayExecutor
 
     return RayExecutor(num_workers=e.num_workers, address=address or e.address, num_cpus=e.num_cpus,
-                       num_gpus_per_worker=e.num_gpus_per_worker, max_in_flight=e.max_fit_tasks,
+                       num_gpus_per_worker=e.num_gpus_per_worker, threads_per_worker=e.threads_per_worker or 1,
+                       max_in_flight=e.max_fit_tasks,
                        actor_resources=e.actor_resources, schedule_timeout_s=e.schedule_timeout_s,
                        start_timeout_s=e.start_timeout_s)
 

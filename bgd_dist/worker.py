@@ -91,17 +91,23 @@ class Worker:
         for name in stats:
             module = get_submodule(self.student, name)
             handles.append(module.register_forward_pre_hook(lambda m, args, s=stats[name]: s.update(args[0])))
-        seen = 0
+        seen, waiting = 0, 0.0
         try:
             self.student.eval()
-            for batch in self.adapter.calibration_batches(shard, n_shards, request.n_images, request.batch_size,
-                                                          request.seed):
+            batches = iter(self.adapter.calibration_batches(shard, n_shards, request.n_images, request.batch_size,
+                                                            request.seed))
+            while True:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                waiting += time.perf_counter() - t   # reading and decoding images (or a DataLoader's queue)
+                if batch is None:
+                    break
                 self.adapter.forward(self.student, self.adapter.to_device(batch, self.device))
                 seen += self.adapter.batch_len(batch)
         finally:
             for h in handles:
                 h.remove()
-        return ShardStats({n: s.state() for n, s in stats.items()}, seen, time.perf_counter() - start)
+        return ShardStats({n: s.state() for n, s in stats.items()}, seen, time.perf_counter() - start, waiting)
 
     def skipped_items(self) -> list[str]:
         """The input files this worker's adapter left out as unreadable (``data.on_bad_image: skip``)."""

@@ -44,6 +44,7 @@ def test_paper_pipelines_carry_the_reference_hyper_parameters():
     (BASE.replace("block_size: 4}", "block_size: 4, dd: 2}"), r"quantize.rules\[1\]: unknown key 'dd'"),
     (BASE.replace("block_size: 4", "block_size: four"), r"quantize.rules\[1\].block_size: expected an integer"),
     (BASE + "executor: {kind: mpi}\n", "executor: kind: unknown executor 'mpi'"),
+    (BASE + "executor: {threads_per_worker: 0}\n", "threads_per_worker: must be >= 1"),
     ("model: {adapter: classification, arch: resnet18}\n", "missing required key 'quantize'"),
     ("model: [1, 2\n", "malformed YAML"),
     ("- 1\n", "must be a mapping"),

@@ -1,5 +1,6 @@
 """The hessian objective: full input statistics, error feedback, exact codebook."""
 
+import dataclasses
 import json
 import logging
 
@@ -188,13 +189,26 @@ def test_a_run_with_the_hessian_objective_and_the_size_fallback(tmp_path, caplog
     from bgd_dist.runner import load_stage_stats, run
 
     # conv2/conv3 (3x3, L = 72) use H; with max_mb below their H size they fall back to the Gram
-    cfg = toy_config(quantize={"objective": "hessian", "hessian": {"rounds": 1, "cg_steps": 3}},
+    cfg = toy_config(quantize={"objective": "hessian", "hessian": {"rounds": 1, "cg_steps": 3}, "keep_stats": "full"},
                      finetune={"layerwise": {"enabled": False}, "global": {"enabled": False}})
     report = run(cfg, tmp_path / "h", progress=False, do_eval=False)
     stats = load_stage_stats(tmp_path / "h" / "stages" / "0" / "stats.pt")
     assert {type(s).__name__ for s in stats.values()} == {"HessianStats"}
     assert report["stages"][0]["stats_kinds"] == ["hessian"]
     assert report["stages"][0]["stats_memory_bytes"] == sum(s.nbytes for s in stats.values())
+    # by default a Hessian run keeps only the pooled Gram of each layer (what the paper objective uses):
+    # the same codebooks, a run directory as small as a paper run's
+    pooled = run(dataclasses.replace(cfg, quantize=dataclasses.replace(cfg.quantize, keep_stats="pooled")),
+                 tmp_path / "p", progress=False, do_eval=False)
+    kept = load_stage_stats(tmp_path / "p" / "stages" / "0" / "stats.pt")
+    assert {type(s).__name__ for s in kept.values()} == {"GramStats"}
+    for name, full in stats.items():
+        assert torch.equal(kept[name].gram, full.pooled().gram)
+    from bgd_dist.fileformat import load_compressed
+    a, b = (load_compressed(tmp_path / d / "model.bgd").state_dict() for d in ("p", "h"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert pooled["stages"][0]["stats_file_bytes"] * 10 < report["stages"][0]["stats_file_bytes"]
+    assert pooled["run_dir_bytes"] < report["run_dir_bytes"]
     records = [json.loads(line) for line in open(tmp_path / "h" / "log.jsonl")]
     fitted = {r["layer"]: r["objective"] for r in records if r["event"] == "layer"}
     # the toy's conv3 is a grouped convolution: it falls back to the paper objective, with a record
@@ -215,7 +229,7 @@ def test_bgd_quantize_objective_flag(tmp_path):
     from bgd_dist.runner import load_stage_stats
 
     path = tmp_path / "toy.yaml"
-    path.write_text(toy_config(quantize={"hessian": {"rounds": 1, "cg_steps": 2}}).to_yaml())
+    path.write_text(toy_config(quantize={"hessian": {"rounds": 1, "cg_steps": 2}, "keep_stats": "full"}).to_yaml())
     out = tmp_path / "run"
     assert main(["quantize", str(path), "--objective", "hessian", "--executor", "serial", "--skip-layerwise",
                  "--skip-global", "--no-eval", "--no-progress", "--out", str(out)]) == 0

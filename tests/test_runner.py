@@ -52,6 +52,13 @@ def test_run_writes_every_artifact(full_run):
     assert set(report["seconds"]) >= {"collect", "fit", "layerwise", "global", "export", "eval", "total"}
     model = load_compressed(out / "model.bgd")
     assert set(pq_layers(model)) == {l.name for l in plan.quantized}
+    # the report says how fast the workers read calibration images and how big the run directory is
+    for stage in report["stages"]:
+        assert stage["collect_images_per_s_per_worker"] > 0 and 0 <= stage["collect_data_share"] < 1
+        assert stage["stats_file_bytes"] == (out / "stages" / str(stage["stage"]) / "stats.pt").stat().st_size
+    size = lambda paths: sum(p.stat().st_size for p in paths if p.is_file())
+    assert size([out / "model.bgd", *(out / "stages").rglob("*")]) < report["run_dir_bytes"]
+    assert report["run_dir_bytes"] <= size(out.rglob("*")) - size([out / "report.json"]) + size([out / "losses.png"])
 
 
 def test_stage_statistics_come_from_the_previous_student(full_run):
