@@ -25,6 +25,11 @@ M-steps and ``n_iter + 1`` assignment steps.
 
 Objective: ``Σ (w - ŵ)ᵀ G (w - ŵ) / Σ wᵀ G w`` in float64 for both results.
 
+Backends: ``fit_codebook``'s own E-step (``torch``, the default) and its E-step on
+faiss' exhaustive search (``faiss``, ``quantize.kmeans_backend: faiss``; the
+M-step, the exact float64 checks and the Hartigan moves stay ours); one line per
+case and backend.
+
 Usage::
 
     python -m benchmarks.kmeans_limit                  # all cases, ~5 min (1 thread)
@@ -111,6 +116,7 @@ def run_faiss(z, init_z, n_iter: int, seed: int):
 @dataclass
 class Result:
     case: str
+    backend: str                 # the E-step of fit_codebook: torch (default) | faiss (quantize.kmeans_backend)
     n_subvectors: int
     block_size: int
     n_iter: int
@@ -131,9 +137,9 @@ class Result:
                 and self.hartigan_objective_ratio <= TARGET_OBJECTIVE)
 
     def summary(self) -> str:
-        return (f"kmeans_limit case={self.case} n={self.n_subvectors} d={self.block_size} iters={self.n_iter} "
-                f"faiss={self.faiss_s_per_it * 1e3:.2f} ms/it lloyd={self.lloyd_s_per_it * 1e3:.2f} ms/it "
-                f"({self.lloyd_ratio:.2f}x) hartigan={self.hartigan_s_per_it * 1e3:.2f} ms/it "
+        return (f"kmeans_limit case={self.case} backend={self.backend} n={self.n_subvectors} d={self.block_size} "
+                f"iters={self.n_iter} faiss={self.faiss_s_per_it * 1e3:.2f} ms/it lloyd={self.lloyd_s_per_it * 1e3:.2f} "
+                f"ms/it ({self.lloyd_ratio:.2f}x) hartigan={self.hartigan_s_per_it * 1e3:.2f} ms/it "
                 f"({self.hartigan_ratio:.2f}x) objective faiss={self.faiss_objective:.5f} "
                 f"lloyd={self.lloyd_objective:.5f} ({self.lloyd_objective_ratio:.4f}x) "
                 f"hartigan={self.hartigan_objective:.5f} ({self.hartigan_objective_ratio:.4f}x) "
@@ -141,8 +147,8 @@ class Result:
                 f"{'ok' if self.ok() else 'MISSED'}")
 
 
-def run_case(case: Case, args: argparse.Namespace) -> Result:
-    import faiss
+def run_case(case: Case, args: argparse.Namespace) -> list[Result]:
+    from bgd_dist.kmeans_faiss import faiss_search
 
     weight, metric = make_problem(case, args.data_seed)
     geometry, d = case.geometry, case.block_size
@@ -153,16 +159,18 @@ def run_case(case: Case, args: argparse.Namespace) -> Result:
     init = fit_codebook(weight, geometry, metric, N_CENTROIDS, d, n_iter=0, init="random",
                         seed=args.seed).centroids
     init_z = (init.double() @ lower).float().numpy()
-    times: dict[str, list[float]] = {"faiss": [], "lloyd": [], "hartigan": []}
+    sides = ["faiss"] + [f"{refine}/{backend}" for backend in args.backends for refine in ("lloyd", "hartigan")]
+    times: dict[str, list[float]] = {side: [] for side in sides}
     results = {}
     for rep in range(args.repeats + 1):                    # repeat 0: warm-up, not timed
-        for side in ("lloyd", "faiss", "hartigan"):
+        for side in sides:                                 # interleaved: a load change hits every side
             t = time.perf_counter()
             if side == "faiss":
                 out = run_faiss(z, init_z, args.n_iter, args.seed)
             else:
-                out = fit_codebook(weight, geometry, metric, N_CENTROIDS, d, n_iter=args.n_iter,
-                                   init="random", seed=args.seed, refine=side)
+                refine, backend = side.split("/")
+                out = fit_codebook(weight, geometry, metric, N_CENTROIDS, d, n_iter=args.n_iter, init="random",
+                                   seed=args.seed, refine=refine, search=faiss_search if backend == "faiss" else None)
             elapsed = (time.perf_counter() - t) / args.n_iter
             if rep:
                 times[side].append(elapsed)
@@ -175,13 +183,14 @@ def run_case(case: Case, args: argparse.Namespace) -> Result:
     zz = torch.from_numpy(z).double()
     a_faiss = torch.cdist(zz, cz).argmin(1)
     obj = {"faiss": objective(w64, c_faiss, a_faiss, g64)}
-    for side in ("lloyd", "hartigan"):
+    for side in sides[1:]:
         cb = results[side]
         obj[side] = objective(w64, cb.centroids.double(), cb.assignments, g64)
     med = {s: statistics.median(v) for s, v in times.items()}
-    return Result(case.name, w.shape[0], d, args.n_iter, med["faiss"], med["lloyd"], med["hartigan"],
-                  med["lloyd"] / med["faiss"], med["hartigan"] / med["faiss"], obj["faiss"], obj["lloyd"],
-                  obj["hartigan"], obj["lloyd"] / obj["faiss"], obj["hartigan"] / obj["faiss"])
+    return [Result(case.name, b, w.shape[0], d, args.n_iter, med["faiss"], med[f"lloyd/{b}"], med[f"hartigan/{b}"],
+                   med[f"lloyd/{b}"] / med["faiss"], med[f"hartigan/{b}"] / med["faiss"], obj["faiss"],
+                   obj[f"lloyd/{b}"], obj[f"hartigan/{b}"], obj[f"lloyd/{b}"] / obj["faiss"],
+                   obj[f"hartigan/{b}"] / obj["faiss"]) for b in args.backends]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -191,6 +200,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed fits per side (after one warm-up)")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (the shared random init)")
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--backends", nargs="+", choices=("torch", "faiss"), default=["torch", "faiss"],
+                   help="E-step of fit_codebook (quantize.kmeans_backend)")
     p.add_argument("--json", type=Path, default=None)
     return p
 
@@ -203,9 +214,9 @@ def main(args: argparse.Namespace) -> list[Result]:
     log.info("torch %s, faiss %s, one thread", torch.__version__, faiss.__version__)
     out = []
     for name in args.cases:
-        res = run_case(CASES[name], args)
-        print(res.summary(), flush=True)
-        out.append(res)
+        for res in run_case(CASES[name], args):
+            print(res.summary(), flush=True)
+            out.append(res)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in out], indent=2))

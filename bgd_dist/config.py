@@ -189,6 +189,7 @@ class QuantizeConfig:
     n_iter: int = 100
     init: str = "random"
     refine: str = "hartigan"          # k-means iterations: hartigan (Lloyd + exact Hartigan moves) | lloyd
+    kmeans_backend: str = "torch"     # the E-step's nearest-centroid search: torch | faiss (needs faiss-cpu)
     objective: str = "paper"          # paper (pooled Gram) | weights (identity metric) | hessian (full H)
     hessian: HessianConfig = HessianConfig()
     target_mb: float | None = None    # size budget (paper accounting): choose d and K per layer to meet it
@@ -207,6 +208,13 @@ class QuantizeConfig:
             raise ValueError(f"objective: unknown value {self.objective!r}; expected one of {OBJECTIVES}")
         if self.refine not in ("hartigan", "lloyd"):
             raise ValueError(f"refine: unknown value {self.refine!r}; expected hartigan or lloyd")
+        if self.kmeans_backend not in ("torch", "faiss"):
+            raise ValueError(f"kmeans_backend: unknown value {self.kmeans_backend!r}; expected torch or faiss")
+        if self.kmeans_backend == "faiss":
+            from importlib.util import find_spec
+
+            if find_spec("faiss") is None:
+                raise ValueError("kmeans_backend: faiss needs the faiss-cpu package (pip install 'bgd-dist[faiss]')")
         if self.keep_stats not in ("pooled", "full", "none"):
             raise ValueError(f"keep_stats: unknown value {self.keep_stats!r}; expected pooled, full or none")
         if self.init not in ("random", "kmeans++"):

@@ -84,12 +84,13 @@ class FitSettings:
     hessian_rounds: int = 4            # the hessian objective only (quantize.hessian.*)
     hessian_damp: float = 0.01
     hessian_cg_steps: int = 20
+    kmeans_backend: str = "torch"      # the E-step's nearest-centroid search: torch | faiss
 
     @classmethod
     def of(cls, quantize_cfg, n_iter: int | None = None) -> "FitSettings":
         q = quantize_cfg
         return cls(q.n_iter if n_iter is None else n_iter, q.init, q.refine, q.hessian.rounds, q.hessian.damp,
-                   q.hessian.cg_steps)
+                   q.hessian.cg_steps, q.kmeans_backend)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,11 @@ from .core.stats import HessianStats
 
 def _fit_kmeans(job) -> Codebook:
     s = job.settings
+    search = None
+    if s.kmeans_backend == "faiss":
+        from .kmeans_faiss import faiss_search as search
     return fit_codebook(job.weight, job.geometry, job.metric, job.n_centroids, job.block_size, s.n_iter, s.init,
-                        job.seed, job.name, s.refine)
+                        job.seed, job.name, s.refine, search)
 
 
 def _fit_hessian(job) -> Codebook:

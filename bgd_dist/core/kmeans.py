@@ -9,6 +9,7 @@ import math
 import operator
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -132,6 +133,13 @@ def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | Non
         if worse.numel():
             now[worse] = _argmin_rows(scores.index_select(0, worse))
     return out
+
+
+def torch_search(w: Tensor, metric: Tensor) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """The default nearest-centroid search over the rows of ``w`` under ``metric``:
+    ``search(centroids, current)`` -> assignments (:func:`_nearest`)."""
+    w_aug = _augment(w)
+    return lambda centroids, current: _nearest(w, centroids, metric, current, w_aug=w_aug)
 
 
 def _augment(w: Tensor) -> Tensor:
@@ -367,8 +375,14 @@ def fit_codebook(
     seed: int = 0,
     name: str = "<layer>",
     refine: str = "hartigan",
+    search: Callable[[Tensor, Tensor], Callable[[Tensor, Tensor | None], Tensor]] | None = None,
 ) -> Codebook:
     """k-means of the layer's subvectors under ``metric`` (d x d, PSD; None = identity).
+
+    ``search(w, metric)`` builds the nearest-centroid search of the E-step (default
+    :func:`torch_search`; another backend may return a different centroid only where two are
+    within its rounding of each other: an assignment still changes only when the new centroid
+    is strictly closer in float64, below).
 
     weight: the layer's weight, shape ``geometry.weight_shape``; the fit runs in
     the weight's dtype and on its device. ``n_centroids`` is used as given (apply
@@ -466,7 +480,7 @@ def fit_codebook(
     total = float((metric64 * (w64.T @ w64)).sum())
     scale = total if total > 0 else 1.0
 
-    w_aug = _augment(w)
+    nearest = (search or torch_search)(w, metric)
     if refine == "hartigan":
         x_aug = torch.cat([w, ((w64 @ metric64) * w64).sum(1, keepdim=True).to(w.dtype)], 1)   # (N, d+1)
     objective: list[float] = []
@@ -479,7 +493,7 @@ def fit_codebook(
         c64 = centroids.double()
         previous = assignments
         e_step = previous is None or refine == "lloyd" or lloyd_share > _LLOYD_SHARE
-        proposed = _nearest(w, centroids, metric, assignments, w_aug=w_aug) if e_step else previous.clone()
+        proposed = nearest(centroids, assignments) if e_step else previous.clone()
         if previous is not None and e_step:
             # a point moves only if the new centroid is strictly closer under the exact distance
             changed = torch.nonzero(proposed != previous).flatten()
