@@ -42,6 +42,7 @@ from bgd_dist.config import MISSING, from_mapping, require
 from bgd_dist.io import atomic_write
 
 from .adapter import ClassifierAdapter
+from bgd_dist.photos import CALIBRATION_SOURCES, photo_crop
 from bgd_dist.sharding import calibration_items, chunks, eval_items, item_seed, train_items
 from .models import load_state_dict
 
@@ -289,8 +290,11 @@ class DigitsData:
     cache_dir: str = "runs/cache"     # where the trained teacher is cached (absolute on a multi-node cluster)
     teacher_epochs: int = 20
     teacher_seed: int = 0
+    calibration: str = "task"         # task (digit crops) | photos (crops of natural photographs, out of domain)
 
     def __post_init__(self):
+        if self.calibration not in CALIBRATION_SOURCES:
+            raise ValueError(f"calibration: expected one of {CALIBRATION_SOURCES}, got {self.calibration!r}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -365,7 +369,10 @@ class DigitsAdapter(ClassifierAdapter):
                             seed: int) -> Iterator[Tensor]:
         idx, seeds = calibration_items(len(self._train_idx), shard, n_shards, n_images, seed)
         for i, s in zip(chunks(idx, batch_size), chunks(seeds, batch_size)):
-            yield self._augmented(i, s.tolist())
+            if self.data.calibration == "photos":   # 8x8 grey crops of photographs, rendered like digits
+                yield render(torch.stack([photo_crop(int(v), 8, 8, grey=True)[0] for v in s]), self.data.image_size)
+            else:
+                yield self._augmented(i, s.tolist())
 
     def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int,
                       start_step: int = 0) -> Iterator[Tensor]:

@@ -60,6 +60,7 @@ from torchvision.ops import boxes as box_ops
 
 from bgd_dist.adapters import AdapterBase, DataError
 from bgd_dist.config import MISSING, from_mapping, require
+from bgd_dist.photos import CALIBRATION_SOURCES, photo_crop
 from bgd_dist.sharding import calibration_items, chunks, eval_items, train_items
 
 from .coco import CocoImages, category_mapping
@@ -107,8 +108,11 @@ class DetectionData:
     loss: str = "distill"                  # distill | supervised | both
     distill: DistillSettings = field(default_factory=DistillSettings)
     on_bad_image: str = "fail"             # an unreadable image: fail (naming it) | skip (log it, count it in the report)
+    calibration: str = "task"              # task (train images) | photos (crops of natural photographs, same sizes)
 
     def __post_init__(self):
+        if self.calibration not in CALIBRATION_SOURCES:
+            raise ValueError(f"calibration: expected one of {CALIBRATION_SOURCES}, got {self.calibration!r}")
         if self.on_bad_image not in ("fail", "skip"):
             raise ValueError(f"on_bad_image: expected fail or skip, got {self.on_bad_image!r}")
         if self.loss not in LOSSES:
@@ -323,9 +327,11 @@ class MaskRCNNAdapter(AdapterBase):
         """Unlabelled training images: this shard's part of a seeded choice of ``n_images``
         (:func:`bgd_dist.sharding.calibration_items`; cycled if the set is smaller)."""
         split = self._split("train")
-        idx, _ = calibration_items(len(split), shard, n_shards, n_images, seed)
-        for chunk in chunks(idx.tolist(), batch_size):
+        idx, seeds = calibration_items(len(split), shard, n_shards, n_images, seed)
+        for chunk, chunk_seeds in zip(chunks(idx.tolist(), batch_size), chunks(seeds.tolist(), batch_size)):
             images = [x for x in (self._load(split, i) for i in chunk) if x is not None]
+            if self.data.calibration == "photos":   # the same sizes, cut from natural photographs
+                images = [photo_crop(s, *x.shape[-2:]).to(x.dtype) for x, s in zip(images, chunk_seeds)]
             if images:
                 yield images
 

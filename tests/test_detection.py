@@ -160,6 +160,17 @@ def test_flipped_labelled_batches_keep_boxes_on_their_masks(data):
                 assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
+def test_calibration_on_photographs_keeps_the_image_sizes(tiny, data):
+    cfg, adapter, teacher, plan = tiny
+    photos = make_adapter(cfg.model, {**cfg.data, "calibration": "photos"})
+    own = [x for b in adapter.calibration_batches(0, 1, 5, 2, seed=7) for x in b]
+    cut = [x for b in photos.calibration_batches(0, 1, 5, 2, seed=7) for x in b]
+    assert [x.shape for x in cut] == [x.shape for x in own] and all(x.dtype == y.dtype for x, y in zip(cut, own))
+    assert all(0 <= float(x.min()) and float(x.max()) <= 1 and not torch.equal(x, y) for x, y in zip(cut, own))
+    halves = [x for shard in range(2) for b in photos.calibration_batches(shard, 2, 5, 2, seed=7) for x in b]
+    assert sorted(float(x.sum()) for x in halves) == sorted(float(x.sum()) for x in cut)
+
+
 def test_data_shards_are_disjoint_and_images_only(tiny, data):
     cfg, adapter, teacher, plan = tiny
     seen = []

@@ -82,6 +82,29 @@ def test_rendering_and_crops():
     assert torch.equal(crop_boxes([7, 8], (0.6, 1.0)), theta[7:9])
 
 
+def test_calibration_on_photographs(cache_dir):
+    """``data.calibration: photos``: calibration images are crops of natural photographs, a function of
+    each item's seed (the same whatever the number of shards), shaped and scaled like the digits."""
+    from bgd_dist.photos import photo_crop
+
+    photos = make_adapter(*_model_data(pipeline(cache_dir, "data.calibration=photos")))
+    digits = make_adapter(*_model_data(pipeline(cache_dir)))
+    one = torch.cat(list(photos.calibration_batches(0, 1, 12, 5, seed=3)))
+    two = [list(photos.calibration_batches(i, 2, 12, 5, seed=3)) for i in range(2)]
+    assert one.shape == (12, 1, 16, 16) and float(one.min()) >= -1 and float(one.max()) <= 1
+    assert torch.equal(one[0::2], torch.cat(two[0])) and torch.equal(one[1::2], torch.cat(two[1]))
+    assert not torch.equal(one, torch.cat(list(digits.calibration_batches(0, 1, 12, 5, seed=3))))
+    crop = photo_crop(5, 30, 40)
+    assert crop.shape == (3, 30, 40) and torch.equal(crop, photo_crop(5, 30, 40)) and 0 <= float(crop.min())
+    assert not torch.equal(crop, photo_crop(6, 30, 40))
+    with pytest.raises(ValueError, match="calibration: expected one of"):
+        make_adapter(*_model_data(pipeline(cache_dir, "data.calibration=imagenet")))
+
+
+def _model_data(cfg):
+    return cfg.model, cfg.data
+
+
 def test_shards_and_batches(adapter):
     shards = [list(adapter.calibration_batches(i, 2, 100, 32, seed=4)) for i in range(2)]
     assert [b.shape[0] for b in shards[0]] == [32, 18] and shards[0][0].shape[1:] == (1, 16, 16)
