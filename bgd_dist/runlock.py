@@ -47,3 +47,23 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_holder(out_dir: str | Path) -> str | None:
+    """The PID (as written in ``.lock``) of the process that holds the run directory now, or None
+    when no process does (finished, killed or never started: the kernel drops a dead
+    process's lock). Takes no lock itself."""
+    path = Path(out_dir) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

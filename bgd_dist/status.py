@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .plots import read_events
+from .runlock import lock_holder
 
 
 def _read_json(path: Path):
@@ -34,7 +35,9 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
         raise ValueError(f"{run_dir}: not a run directory (no log.jsonl or plan.json)")
     n_stages = len(plan["stages"]) if plan else None
     done = sorted(int(k) for k, v in manifest.get("stages", {}).items() if v.get("status") == "done")
-    st: dict = {"run_dir": str(run_dir), "name": None, "state": "finished" if report else "in progress",
+    holder = lock_holder(run_dir)
+    state = "finished" if report else "in progress" if holder is not None else "stopped"
+    st: dict = {"run_dir": str(run_dir), "name": None, "state": state, "pid": holder,
                 "n_stages": n_stages, "stages_done": len(done), "stage": None, "phase": None, "step": None,
                 "total": None, "loss": None, "steps_per_s": None, "phase_eta_s": None, "eta_s": None,
                 "elapsed_s": None, "size_mb_so_far": None, "restarts": 0, "last_update_s": None}
@@ -45,7 +48,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
                 st["name"] = line.split(":", 1)[1].strip().strip("'\"")
                 break
     if events:
-        st["elapsed_s"] = (events[-1]["time"] if report else now) - events[0]["time"]
+        st["elapsed_s"] = (events[-1]["time"] if report or state == "stopped" else now) - events[0]["time"]
         st["last_update_s"] = now - events[-1]["time"]
     open_phase = None
     stage_times = []
@@ -103,8 +106,12 @@ def _hms(seconds) -> str:
 
 def format_status(st: dict) -> str:
     lines = [f"{st['name'] or st['run_dir']}: {st['state']}"
+             + (f" (PID {st['pid']})" if st.get("pid") and st["state"] == "in progress" else "")
              + (f" (last update {_hms(st['last_update_s'])} ago)" if st["state"] != "finished"
                 and st["last_update_s"] is not None else "")]
+    if st["state"] == "stopped":
+        lines.append("  no process holds the run directory: it was interrupted; continue it with the same "
+                     "command and --resume")
     if st["n_stages"] is not None:
         lines.append(f"  stages   {st['stages_done']}/{st['n_stages']} done"
                      + (f", at stage {st['stage']}/{st['n_stages']}" if st["state"] != "finished" else ""))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bgd_dist.runlock import RunLock
 from bgd_dist.status import format_status, run_status
 
 from toy import BASE
@@ -88,9 +89,12 @@ def test_sigkill_mid_phase_then_resume_gives_the_same_bytes(straight, tmp_path, 
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not (out / "model.bgd").exists()
     st = run_status(out)                                   # where the killed run stopped, from its files
-    assert (st["state"], st["phase"], st["step"], st["total"], st["stage"]) == ("in progress", phase, 4, 10,
+    assert (st["state"], st["phase"], st["step"], st["total"], st["stage"]) == ("stopped", phase, 4, 10,
                                                                                stage if stage else st["n_stages"])
-    assert st["loss"] > 0
+    assert st["loss"] > 0 and "--resume" in format_status(st)
+    with RunLock(out):                                     # a live run holds the directory
+        live = run_status(out)
+        assert (live["state"], live["pid"]) == ("in progress", str(os.getpid()))
     status = subprocess.run([sys.executable, "-m", "bgd_dist.cli", "status", str(out), "--json"], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert json.loads(status.stdout)["step"] == 4
