@@ -18,7 +18,18 @@ the fit time of hessian vs paper (ratio) and the statistics memory.
 
     python -m benchmarks.objective                  # digits ResNet and the shapes Mask R-CNN (demo data)
     python -m benchmarks.objective --model digits --json runs/objective.json
-    python -m benchmarks.objective --end            # also end metrics: paper vs hessian, with/without fine-tuning
+    python -m benchmarks.objective --end            # also end metrics of every variant (below), no FT / full
+    python -m benchmarks.objective --end --skip-layers --model shapes --variants "no fine-tuning" --keep
+
+End metrics (``--end``): the pipeline run as written but for each variant's
+settings, serial executor, same seeds, identical size: the paper objective, the
+hessian objective, hessian + bias correction, hessian + permutations, all three
+(each without fine-tuning and with the full pipeline), all three with BN affine
+and bias training in both distillation phases, calibration on natural
+photographs instead of the task's images (out of domain), and, for digits, all
+three at half the rules' size (``quantize.target_mb``). Cost columns: the time
+of statistics, fitting, bias correction and permutation search; the mean time
+per stage (everything); the largest per-worker statistics of a stage.
 """
 
 from __future__ import annotations
@@ -172,30 +183,68 @@ def layer_benchmark(which: str, overrides: list[str]) -> dict:
 
 # -- end metrics ----------------------------------------------------------------------------------------------------
 NO_FT = ["finetune.layerwise.enabled=false", "finetune.global.enabled=false"]
-LAYERWISE = ["finetune.global.enabled=false"]
+HESSIAN = ["quantize.objective=hessian"]
+BIAS = ["quantize.bias_correction=true"]
+PERMUTE = ["quantize.permute=true"]
+TRAIN_AFFINE = [f"finetune.{phase}.{what}=true" for phase in ("layerwise", "global") for what in ("train_bn", "train_bias")]
+PHOTOS = ["data.calibration=photos"]
+HALF_SIZE = "half size"   # marker: quantize.target_mb = half the rules' size (the first variant's)
 END_VARIANTS = [
     ("paper, no fine-tuning", ["quantize.objective=paper", *NO_FT]),
-    ("paper, layer-wise fine-tuning", ["quantize.objective=paper", *LAYERWISE]),
     ("paper, full pipeline", ["quantize.objective=paper"]),
-    ("hessian, no fine-tuning", ["quantize.objective=hessian", *NO_FT]),
-    ("hessian, layer-wise fine-tuning", ["quantize.objective=hessian", *LAYERWISE]),
-    ("hessian, full pipeline", ["quantize.objective=hessian"]),
+    ("hessian, no fine-tuning", [*HESSIAN, *NO_FT]),
+    ("hessian, full pipeline", HESSIAN),
+    ("hessian + bias corr., no fine-tuning", [*HESSIAN, *BIAS, *NO_FT]),
+    ("hessian + bias corr., full pipeline", [*HESSIAN, *BIAS]),
+    ("hessian + permutations, no fine-tuning", [*HESSIAN, *PERMUTE, *NO_FT]),
+    ("hessian + permutations, full pipeline", [*HESSIAN, *PERMUTE]),
+    ("all three, no fine-tuning", [*HESSIAN, *BIAS, *PERMUTE, *NO_FT]),
+    ("all three, full pipeline", [*HESSIAN, *BIAS, *PERMUTE]),
+    ("all three + BN/bias training, full", [*HESSIAN, *BIAS, *PERMUTE, *TRAIN_AFFINE]),
+    ("paper, photo calibration, no FT", ["quantize.objective=paper", *PHOTOS, *NO_FT]),
+    ("all three, photo calibration, no FT", [*HESSIAN, *BIAS, *PERMUTE, *PHOTOS, *NO_FT]),
+    (f"all three, {HALF_SIZE}, no fine-tuning", [*HESSIAN, *BIAS, *PERMUTE, *NO_FT]),
 ]
 
 
-def end_metrics(which: str, overrides: list[str], out: Path) -> list[dict]:
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_")
+
+
+def end_metrics(which: str, overrides: list[str], out: Path, only: list[str] | None = None,
+                keep: bool = False) -> list[dict]:
+    """Run every variant of the pipeline (serial executor, same seeds); ``only``: the variants whose
+    label contains one of these strings; ``keep``: reuse a variant's finished run directory."""
     from bgd_dist.runner import run
 
-    rows = []
+    rows, rules_mb = [], None
     for label, extra in END_VARIANTS:
+        if only and not any(o in label for o in only):
+            continue
+        if HALF_SIZE in label:
+            if which != "digits":
+                continue
+            if rules_mb is None:   # the rules' size by the paper's accounting, from a plan alone
+                from bgd_dist.adapters import plan_for
+                from bgd_dist.core.sizing import size_report
+
+                base = model_config(which, overrides)
+                rules_mb = size_report(make_adapter(base.model, base.data).build_model(), plan_for(base)).compressed_mb
+            extra = [*extra, f"quantize.target_mb={rules_mb / 2:.6f}"]
         cfg = model_config(which, [*overrides, *extra])
-        run_dir = out / which / label.replace(", ", "_").replace(" ", "_").replace("-", "_")
-        if (run_dir / "manifest.json").exists():
-            shutil.rmtree(run_dir)
-        report = run(cfg, run_dir, progress=False)
-        m = report["metrics_after"]
+        run_dir = out / which / _slug(label)
+        if keep and (run_dir / "report.json").exists():
+            report = json.loads((run_dir / "report.json").read_text())
+        else:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            report = run(cfg, run_dir, progress=False)
+        stages = report["stages"]
         row = {"model": which, "variant": label, "size_mb": report["compressed_mb"], "ratio": report["ratio"],
-               "metrics": m, "teacher": report["metrics_before"], "seconds": report["seconds"]}
+               "metrics": report["metrics_after"], "teacher": report["metrics_before"],
+               "seconds": report["seconds"], "n_stages": len(stages),
+               "stats_mb": max((s.get("stats_memory_bytes") or 0) for s in stages) / MB if stages else 0.0,
+               "run_dir_mb": (report.get("run_dir_bytes") or 0) / MB}
         rows.append(row)
         print(format_end_row(row), flush=True)
     return rows
@@ -207,9 +256,22 @@ def _score(m: dict) -> str:
     return f"box AP {m['box_AP']:.3f} / mask AP {m['mask_AP']:.3f}"
 
 
+def _relative(m: dict, t: dict) -> str:
+    if "top1" in m:
+        return f"{m['top1'] - t['top1']:+.2f}"
+    return f"{m['box_AP'] / t['box_AP']:.3f}x / {m['mask_AP'] / t['mask_AP']:.3f}x"
+
+
+END_HEADER = ("| model  | variant                                  |    size    | ratio | metric                         "
+              "| vs teacher        | collect+fit s | per stage s | stats MB | total s |")
+
+
 def format_end_row(r: dict) -> str:
-    return (f"| {r['model']:<6} | {r['variant']:<32} | {r['size_mb']:>7.4f} MB | {r['ratio']:>5.1f}x | "
-            f"{_score(r['metrics']):<32} | {r['seconds']['fit']:>6.1f} s fit | {r['seconds']['total']:>6.0f} s |")
+    sec = r["seconds"]
+    prep = sum(sec.get(k, 0.0) for k in ("collect", "fit", "bias_correction", "permute"))
+    return (f"| {r['model']:<6} | {r['variant']:<40} | {r['size_mb']:.4f} MB | {r['ratio']:>4.1f}x | "
+            f"{_score(r['metrics']):<30} | {_relative(r['metrics'], r['teacher']):<17} | {prep:>13.1f} | "
+            f"{sec['total'] / max(1, r['n_stages']):>11.1f} | {r['stats_mb']:>8.2f} | {sec['total']:>7.0f} |")
 
 
 def main(argv=None) -> dict:
@@ -218,6 +280,8 @@ def main(argv=None) -> dict:
     p.add_argument("--end", action="store_true", help="also run the pipelines: paper vs hessian end metrics")
     p.add_argument("--skip-layers", action="store_true", help="only the end metrics")
     p.add_argument("--out", default="runs/bench_objective", help="run directories of --end")
+    p.add_argument("--variants", nargs="+", default=None, help="--end: only the variants whose label contains one")
+    p.add_argument("--keep", action="store_true", help="--end: reuse finished run directories")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", help="also write everything to this JSON file")
     args = p.parse_args(argv)
@@ -229,12 +293,13 @@ def main(argv=None) -> dict:
             result["layers"].append(layer_benchmark(which, args.overrides))
     if args.end:
         for which in models:
-            result["end"].extend(end_metrics(which, args.overrides, Path(args.out)))
+            result["end"].extend(end_metrics(which, args.overrides, Path(args.out), args.variants, args.keep))
     print()
     for r in result["layers"]:
         print(format_summary(f"{r['model']} ({r['pipeline']})", r["summary"]))
     if result["end"]:
         print("\nend metrics at identical size (serial executor, same seeds):")
+        print(END_HEADER)
         for r in result["end"]:
             print(format_end_row(r))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
