@@ -166,8 +166,9 @@ class Run:
         where = ("global distillation" if stage is None
                  else f"layer-wise distillation of stage {stage + 1}/{len(self.plan.stages)}")
         for attempt in range(f.max_lr_retries + 1):
-            log.info("%s distillation%s: %d steps, batch %d, lr %g", spec.name,
-                     "" if stage is None else f" of stage {stage + 1}", spec.iterations, spec.batch_size, spec.lr)
+            log.info("%s distillation%s: %d steps, batch %d, lr %g%s", spec.name,
+                     "" if stage is None else f" of stage {stage + 1}", spec.iterations, spec.batch_size, spec.lr,
+                     f"; also trains {', '.join(spec.params)}" if spec.params else "")
             self.log.write("phase_lr", phase=spec.name, stage=stage, lr=spec.lr, batch_size=spec.batch_size,
                            attempt=attempt)
             self.ship_student()   # the phase's start: also what a diverged attempt goes back to
