@@ -283,3 +283,15 @@ def test_a_cache_of_another_stream_starts_empty():
     assert torch.equal(cache.get(0, lambda: torch.zeros(2)), torch.ones(2)) and cache.hits == 1
     cache.bind((2, 8, 0, 1), 1e6)
     assert torch.equal(cache.get(0, lambda: torch.zeros(2)), torch.zeros(2)) and cache.hits == 1
+
+
+def test_the_options_are_off_by_default_and_checked_by_name():
+    from bgd_dist.config import ConfigError
+
+    f = toy_config().finetune
+    assert not (f.layerwise.train_bn or f.layerwise.train_bias or f.layerwise.reuse_teacher)
+    assert not (f.global_.train_bn or f.global_.train_bias)
+    with pytest.raises(ConfigError, match="teacher_cache_mb"):
+        toy_config(finetune={"layerwise": {"teacher_cache_mb": -1}})
+    with pytest.raises(ConfigError, match="train_bn"):
+        toy_config(finetune={"global": {"train_bn": "yes"}})
