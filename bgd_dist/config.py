@@ -269,6 +269,15 @@ class LayerwiseConfig(_PhaseConfig):
     batch_size: int = 128
     lr_reference_batch: int | None = None
     lr_scaling: str = "linear"
+    train_bn: bool = False            # also train the affine parameters of the BN right after the stage's layers
+    train_bias: bool = False          # also train the biases of the stage's quantized layers
+    reuse_teacher: bool = False       # one batch stream for every stage; teacher outputs cached per step
+    teacher_cache_mb: float = 1024.0  # per worker; steps beyond it run the teacher again (reuse_teacher)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.teacher_cache_mb >= 0:
+            raise ValueError(f"teacher_cache_mb: must be >= 0 (0: no cache), got {self.teacher_cache_mb}")
 
 
 @dataclass(frozen=True)
@@ -285,6 +294,8 @@ class GlobalConfig(_PhaseConfig):
     lr_reference_batch: int | None = None
     lr_scaling: str = "linear"
     folded_bn: str = "eval"           # BN layers found folded at plan time: eval | unfold | train
+    train_bn: bool = False            # also train every BatchNorm's affine parameters
+    train_bias: bool = False          # also train the biases of every conv / linear layer (quantized or dense)
 
     def __post_init__(self):
         super().__post_init__()

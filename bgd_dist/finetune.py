@@ -6,18 +6,29 @@ statistics update); BN affine parameters, biases and uncompressed layers stay
 frozen. The loss and the forward come from the adapter. With several workers
 each computes the gradient of its part of the global batch and the gradients
 are averaged (``reduce_grads``), which equals one process on the whole batch.
+
+Options (off by default, the paper trains centroids only): a phase may also
+train named extra parameters (``PhaseSpec.params``: BatchNorm affine parameters
+and biases, chosen by :func:`trainable_parameters`), without weight decay; they
+travel in :class:`PhaseState` like the centroids. The layer-wise phases may
+reuse the teacher's outputs (:class:`TeacherCache`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .batchnorm import keep_in_eval_mode
 from .student import centroid_parameters
+
+log = logging.getLogger("bgd.distill")
+MB = 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -34,19 +45,165 @@ class PhaseSpec:
     layers: tuple[str, ...] | None = None  # quantized layers whose centroids train (None: all)
     seed: int = 0
     eval_modules: tuple[str, ...] = ()     # modules kept in eval mode in a train-mode phase (folded BN)
+    params: tuple[str, ...] = ()           # extra parameters that train (BN affine, biases), no weight decay
+    teacher_cache_mb: float = 0.0          # > 0: cache the teacher's outputs per step on each worker (results equal)
 
 
-def layerwise_spec(cfg, layers, seed: int = 0) -> PhaseSpec:
+def layerwise_spec(cfg, layers, seed: int = 0, params: tuple[str, ...] = ()) -> PhaseSpec:
     return PhaseSpec("layerwise", cfg.iterations, cfg.effective_lr, cfg.momentum, cfg.weight_decay, cfg.batch_size,
-                     train_mode=False, layers=tuple(layers), seed=seed)
+                     train_mode=False, layers=tuple(layers), seed=seed, params=tuple(params),
+                     teacher_cache_mb=float(cfg.teacher_cache_mb) if cfg.reuse_teacher else 0.0)
 
 
-def global_spec(cfg, seed: int = 0, eval_modules: tuple[str, ...] = ()) -> PhaseSpec:
+def global_spec(cfg, seed: int = 0, eval_modules: tuple[str, ...] = (), params: tuple[str, ...] = ()) -> PhaseSpec:
     total = cfg.epochs * cfg.iterations_per_epoch
     step = cfg.lr_step_epochs * cfg.iterations_per_epoch
     milestones = tuple(range(step, total, step)) if step > 0 else ()
     return PhaseSpec("global", total, cfg.effective_lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, milestones,
-                     cfg.lr_gamma, train_mode=True, layers=None, seed=seed, eval_modules=tuple(eval_modules))
+                     cfg.lr_gamma, train_mode=True, layers=None, seed=seed, eval_modules=tuple(eval_modules),
+                     params=tuple(params))
+
+
+# -- what trains besides the centroids -------------------------------------------------------------
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d (detection backbones): affine parameters held as buffers."""
+    return type(module).__name__ == "FrozenBatchNorm2d"
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or is_frozen_batchnorm(module)
+
+
+@torch.no_grad()
+def batchnorms_after(model: nn.Module, run_example: Callable[[nn.Module], Any]) -> dict[str, str]:
+    """``{layer: batchnorm}`` for every BatchNorm whose input is exactly the output of another module
+    of ``model`` in ``run_example(model)`` (eval mode): a conv and the BN right after it."""
+    produced: dict[int, str] = {}
+    keep: list = []   # the outputs stay alive during the pass, so their ids stay unique
+    found: dict[str, str] = {}
+
+    def record(name):
+        def hook(module, args, out):
+            if isinstance(out, torch.Tensor):
+                produced[id(out)] = name
+                keep.append(out)
+        return hook
+
+    def follow(name):
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor) and id(args[0]) in produced:
+                found.setdefault(produced[id(args[0])], name)
+        return hook
+
+    handles = []
+    for name, m in model.named_modules():
+        if not name:
+            continue
+        if _is_batchnorm(m):
+            handles.append(m.register_forward_pre_hook(follow(name)))
+        elif not any(True for _ in m.children()):
+            handles.append(m.register_forward_hook(record(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        run_example(model)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return found
+
+
+def _has_bias(module: nn.Module) -> bool:
+    from .nn.modules import PQLayer
+
+    return (isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, PQLayer))
+            and isinstance(getattr(module, "bias", None), nn.Parameter))
+
+
+def trainable_parameters(model: nn.Module, layers: list[str] | None, train_bn: bool, train_bias: bool,
+                         bn_after: dict[str, str] | None = None) -> tuple[tuple[str, ...], list[str]]:
+    """The extra parameters a phase trains, in ``model.named_parameters()`` order, and the
+    FrozenBatchNorm2d layers left out (their affine parameters are buffers: they stay frozen).
+
+    Global (``layers`` None): ``train_bn`` every BatchNorm's weight and bias, ``train_bias`` the
+    bias of every conv and linear layer, quantized or dense. Layer-wise: the biases of ``layers``
+    and the BatchNorm right after each of them (``bn_after``, see :func:`batchnorms_after`)."""
+    if layers is None:
+        bn_names = [n for n, m in model.named_modules() if _is_batchnorm(m)] if train_bn else []
+        bias_names = [n for n, m in model.named_modules() if _has_bias(m)] if train_bias else []
+    else:
+        bn_names = [bn_after[l] for l in layers if l in (bn_after or {})] if train_bn else []
+        bias_names = [l for l in layers if _has_bias(model.get_submodule(l))] if train_bias else []
+    frozen = [n for n in bn_names if is_frozen_batchnorm(model.get_submodule(n))]
+    wanted = set()
+    for n in bn_names:
+        m = model.get_submodule(n)
+        if not is_frozen_batchnorm(m) and getattr(m, "affine", False):
+            wanted.update((f"{n}.weight", f"{n}.bias"))
+    wanted.update(f"{n}.bias" for n in bias_names)
+    return tuple(n for n, _ in model.named_parameters() if n in wanted), frozen
+
+
+def extra_parameters(model: nn.Module, names: tuple[str, ...] | list[str]) -> dict[str, nn.Parameter]:
+    own = dict(model.named_parameters())
+    missing = [n for n in names if n not in own]
+    if missing:
+        raise KeyError(f"parameters not in the student: {missing}")
+    return {n: own[n] for n in names}
+
+
+# -- teacher outputs reused across the layer-wise phases ------------------------------------------
+def output_nbytes(obj) -> int:
+    """Bytes of the tensors in a forward's output (tensors, mappings, sequences, dataclasses)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, nn.Module):
+        return 0
+    if isinstance(obj, dict):
+        return sum(output_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(output_nbytes(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(output_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
+
+
+class TeacherCache:
+    """The teacher's outputs by step of one batch stream (``key``: seed, batch, rank, world), held by
+    the worker that computed them, up to ``limit`` bytes; later steps run the teacher again (one
+    log line). The teacher never changes in a run and step k's batch depends only on (seed, k),
+    so a cached output is the one the teacher would compute: results do not change."""
+
+    def __init__(self):
+        self.key = None
+        self.outputs: dict[int, Any] = {}
+        self.nbytes = 0
+        self.limit = 0
+        self.full = False
+        self.hits = self.misses = 0
+
+    def bind(self, key, limit_bytes: float) -> None:
+        if key != self.key:
+            self.key, self.outputs, self.nbytes, self.full = key, {}, 0, False
+        self.limit = limit_bytes
+
+    def get(self, step: int, compute: Callable[[], Any]) -> Any:
+        if step in self.outputs:
+            self.hits += 1
+            return self.outputs[step]
+        out = compute()
+        self.misses += 1
+        size = output_nbytes(out)
+        if self.nbytes + size <= self.limit:
+            self.outputs[step] = out
+            self.nbytes += size
+        elif not self.full:
+            self.full = True
+            log.info("teacher output cache full at %.1f MB (%d steps; finetune.layerwise.teacher_cache_mb = %g): "
+                     "steps from %d on run the teacher each time", self.nbytes / MB, len(self.outputs),
+                     self.limit / MB, step)
+        return out
 
 
 class Diverged(FloatingPointError):
@@ -87,7 +244,8 @@ class PhaseState:
     are equal on every worker (they see the same averaged gradients); ``buffers`` holds
     each worker's BN buffers in rank order (global phase; empty in the layer-wise phase,
     where the student stays in eval mode); ``losses`` has one loss per step done (the
-    mean over the workers). The scheduler position is ``step``.
+    mean over the workers). The scheduler position is ``step``. ``params`` holds the extra
+    parameters that train (``PhaseSpec.params``), equal on every worker like the centroids.
     """
 
     step: int = 0
@@ -95,15 +253,20 @@ class PhaseState:
     optimizer: dict | None = None
     buffers: list[dict[str, Tensor]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    params: dict[str, Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Plain containers (what ``torch.load(weights_only=True)`` reads back)."""
-        return {"step": self.step, "centroids": self.centroids, "optimizer": self.optimizer,
-                "buffers": self.buffers, "losses": list(self.losses)}
+        d = {"step": self.step, "centroids": self.centroids, "optimizer": self.optimizer,
+             "buffers": self.buffers, "losses": list(self.losses)}
+        if self.params:
+            d["params"] = self.params
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PhaseState":
-        return cls(int(d["step"]), d["centroids"], d["optimizer"], list(d["buffers"]), list(d["losses"]))
+        return cls(int(d["step"]), d["centroids"], d["optimizer"], list(d["buffers"]), list(d["losses"]),
+                   dict(d.get("params") or {}))
 
 
 def _cpu_copy(obj):
@@ -124,7 +287,8 @@ def phase_buffers(student: nn.Module) -> dict[str, Tensor]:
 def distill(student: nn.Module, teacher: nn.Module, adapter, spec: PhaseSpec, batches: Iterator,
             reduce_grads: Callable[[list[Tensor]], None] | None = None,
             progress: Callable[[int, float], None] | None = None, state: PhaseState | None = None,
-            stop: int | None = None, rank: int = 0) -> PhaseState:
+            stop: int | None = None, rank: int = 0,
+            targets: Callable[[int, Callable[[], Any]], Any] | None = None) -> PhaseState:
     """SGD steps ``state.step`` (0 without a state) to ``stop`` (default: the end of the phase)
     on this process's batches; ``batches`` must start at that step's batch.
 
@@ -133,21 +297,30 @@ def distill(student: nn.Module, teacher: nn.Module, adapter, spec: PhaseSpec, ba
     exactly the same steps as one run straight through. Returns the state after ``stop``
     with this process's buffers (``buffers`` has one entry) and its local losses of the
     steps run here (``progress(step, loss)`` is called after each step, ``step`` 1-based).
+    ``targets(step, compute)``: the teacher's output of a step (e.g. from a :class:`TeacherCache`);
+    default ``compute()``.
     """
     start = state.step if state is not None else 0
     stop = spec.iterations if stop is None else min(stop, spec.iterations)
     named = centroid_parameters(student, list(spec.layers) if spec.layers is not None else None)
-    params = list(named.values())
+    extra = extra_parameters(student, spec.params)
+    params = list(named.values()) + list(extra.values())
     for p in student.parameters():
         p.requires_grad_(False)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    if extra:   # BN affine parameters and biases: no weight decay
+        groups = [{"params": list(named.values())}, {"params": list(extra.values()), "weight_decay": 0.0}]
+        opt = torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(spec.milestones), spec.gamma)
     if state is not None:
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(state.centroids[n])
+            for n, p in extra.items():
+                p.copy_(state.params[n])
             if spec.train_mode and state.buffers:
                 own = phase_buffers(student)
                 for k, v in state.buffers[rank].items():
@@ -165,7 +338,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter, spec: PhaseSpec, ba
         for it in range(start, stop):
             batch = next(batches)
             with torch.no_grad():
-                target = adapter.forward(teacher, batch)
+                target = (adapter.forward(teacher, batch) if targets is None
+                          else targets(it, lambda: adapter.forward(teacher, batch)))
             loss = adapter.distill_loss(adapter.forward(student, batch), target)
             opt.zero_grad(set_to_none=False)
             loss.backward()
@@ -186,7 +360,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter, spec: PhaseSpec, ba
             p.requires_grad_(False)
     return PhaseState(stop, {n: p.detach().to("cpu", copy=True) for n, p in named.items()},
                       _cpu_copy(opt.state_dict()),
-                      [_cpu_copy(phase_buffers(student))] if spec.train_mode else [], losses)
+                      [_cpu_copy(phase_buffers(student))] if spec.train_mode else [], losses,
+                      {n: p.detach().to("cpu", copy=True) for n, p in extra.items()})
 
 
 def combine(previous: PhaseState | None, results: list[PhaseState]) -> PhaseState:
@@ -198,4 +373,4 @@ def combine(previous: PhaseState | None, results: list[PhaseState]) -> PhaseStat
     mean = [sum(r.losses[i] for r in results) / len(results) for i in range(n)]
     buffers = [r.buffers[0] for r in results] if first.buffers else []
     history = list(previous.losses) if previous is not None else []
-    return PhaseState(first.step, first.centroids, first.optimizer, buffers, history + mean)
+    return PhaseState(first.step, first.centroids, first.optimizer, buffers, history + mean, first.params)

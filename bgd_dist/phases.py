@@ -44,10 +44,14 @@ def checkpoint_path(out_dir: str | Path, spec: PhaseSpec, stage: int | None = No
 
 
 def start_digest(student: torch.nn.Module, spec: PhaseSpec) -> str:
-    """A digest of what the phase starts from (its centroids, and the BN buffers when they train)."""
+    """A digest of what the phase starts from (its centroids, the extra parameters that train, and
+    the BN buffers when they train)."""
     layers = pq_layers(student)
     names = list(spec.layers) if spec.layers is not None else sorted(layers)
     tensors = {f"{n}.centroids": layers[n].centroids for n in names}
+    if spec.params:
+        own = dict(student.named_parameters())
+        tensors.update({f"param:{n}": own[n] for n in spec.params})
     if spec.train_mode:
         tensors.update(phase_buffers(student))
     h = hashlib.sha256()
@@ -93,7 +97,12 @@ def load_checkpoint(path: Path, spec: PhaseSpec, digest: str, world: int) -> Pha
 
 
 def _spec_dict(spec: PhaseSpec) -> dict:
+    """The settings a checkpoint must match: the teacher cache changes no result and is left out,
+    and ``params`` only counts when the phase trains extra parameters (earlier checkpoints stay valid)."""
     d = dataclasses.asdict(spec)
+    d.pop("teacher_cache_mb")
+    if not d["params"]:
+        d.pop("params")
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 

@@ -180,13 +180,18 @@ def read_manifest(path: Path) -> dict:
 
 
 # -- stage files ------------------------------------------------------------------------------------
-def save_stage(path: Path, student: torch.nn.Module, names: list[str]) -> None:
-    """``stages/<k>/codebooks.pt``: the fine-tuned centroids and the assignments of a stage's layers."""
+def save_stage(path: Path, student: torch.nn.Module, names: list[str], params: tuple[str, ...] | list[str] = ()) -> None:
+    """``stages/<k>/codebooks.pt``: the fine-tuned centroids and the assignments of a stage's layers,
+    and under ``"params"`` the other parameters its distillation trained (BN affine, biases; only
+    when there are any)."""
     layers = pq_layers(student)
     obj = {}
     for n in names:
         obj[f"{n}.centroids"] = layers[n].centroids.detach().cpu().clone()
         obj[f"{n}.assignments"] = layers[n].assignments.detach().cpu().clone()
+    if params:
+        own = dict(student.named_parameters())
+        obj["params"] = {n: own[n].detach().cpu().clone() for n in params}
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

@@ -34,7 +34,8 @@ from .config import PipelineConfig, require_all
 from .core.sizing import MB, size_report
 from .core.stats import HessianStats, memory_groups
 from .executor import Executor, SerialExecutor
-from .finetune import Diverged, PhaseSpec, PhaseState, check_divergence, global_spec, layerwise_spec
+from .finetune import (Diverged, PhaseSpec, PhaseState, batchnorms_after, check_divergence, global_spec,
+                       layerwise_spec, trainable_parameters)
 from .io import atomic_write_text
 from .messages import CollectRequest, FitJob, FitResult, FitSettings, LayerRequest
 from .nn.modules import get_submodule, pq_layers, quantize_
@@ -113,6 +114,7 @@ class Run:
     folded_bn: list[str] = field(default_factory=list)   # BatchNorm layers found folded at plan time
     plot: LossPlot | None = None            # losses.png, refreshed at distillation checkpoints
     skipped_items: list = field(default_factory=list)     # unreadable input files left out (on_bad_image: skip)
+    bn_after: dict | None = None            # {layer: the BatchNorm right after it}, traced when train_bn needs it
 
     @classmethod
     def open(cls, cfg: PipelineConfig, out_dir: str | Path, resume: bool, progress: bool,
@@ -165,8 +167,9 @@ class Run:
         where = ("global distillation" if stage is None
                  else f"layer-wise distillation of stage {stage + 1}/{len(self.plan.stages)}")
         for attempt in range(f.max_lr_retries + 1):
-            log.info("%s distillation%s: %d steps, batch %d, lr %g", spec.name,
-                     "" if stage is None else f" of stage {stage + 1}", spec.iterations, spec.batch_size, spec.lr)
+            log.info("%s distillation%s: %d steps, batch %d, lr %g%s", spec.name,
+                     "" if stage is None else f" of stage {stage + 1}", spec.iterations, spec.batch_size, spec.lr,
+                     f"; also trains {', '.join(spec.params)}" if spec.params else "")
             self.log.write("phase_lr", phase=spec.name, stage=stage, lr=spec.lr, batch_size=spec.batch_size,
                            attempt=attempt)
             self.ship_student()   # the phase's start: also what a diverged attempt goes back to
@@ -193,6 +196,21 @@ class Run:
             return result
         raise AssertionError("unreachable")
 
+    def extra_params(self, phase: str, layers: list[str] | None) -> tuple[str, ...]:
+        """The parameters a phase trains besides centroids (``finetune.<phase>.train_bn`` /
+        ``train_bias``); FrozenBatchNorm2d layers stay frozen, with a log line."""
+        cfg = self.cfg.finetune.layerwise if phase == "layerwise" else self.cfg.finetune.global_
+        if not (cfg.train_bn or cfg.train_bias):
+            return ()
+        if cfg.train_bn and layers is not None and self.bn_after is None:
+            self.bn_after = batchnorms_after(self.teacher, self.adapter.trace)
+        names, frozen = trainable_parameters(self.student, layers, cfg.train_bn, cfg.train_bias, self.bn_after)
+        if frozen:
+            log.info("finetune.%s.train_bn: %d FrozenBatchNorm2d layer%s (%s) keep their affine parameters frozen "
+                     "(they are buffers, not parameters)", "global" if phase == "global" else phase, len(frozen),
+                     "" if len(frozen) == 1 else "s", ", ".join(frozen[:5]) + (", ..." if len(frozen) > 5 else ""))
+        return names
+
     def ship_student(self) -> int:
         """Make every worker's student the driver's; returns the bytes shipped."""
         return self.executor.load_student(student_state(self.student))
@@ -215,6 +233,7 @@ class Stage:
     bytes_shipped: int = 0
     fitted: dict[str, FitResult] = field(default_factory=dict)
     losses: list = field(default_factory=list)
+    params: tuple[str, ...] = ()                      # other parameters its distillation trained (stage file)
     throughput: list = field(default_factory=list)   # the CollectResult of each calibration pass
     stats_file_bytes: int = 0
 
@@ -327,6 +346,11 @@ def replay(r: Run, st: Stage) -> bool:
         r.log.write("stage_recomputed", stage=st.index, reason=problem)
         return False
     quantize_(r.student, r.plan, codebooks_from(saved, st.names))
+    if saved.get("params"):   # BN affine parameters / biases its distillation trained
+        own = dict(r.student.named_parameters())
+        with torch.no_grad():
+            for name, value in saved["params"].items():
+                own[name].copy_(value)
     r.quantized_bytes += sum(size.nbytes for size in st.sizes.values())
     log.info("%s %s: replayed from %s", st.label, st.names, st.file)
     return True
@@ -406,8 +430,11 @@ def distill_stage(r: Run, st: Stage) -> None:
     cfg = r.cfg.finetune.layerwise
     if not (cfg.enabled and cfg.iterations > 0):
         return
+    # reuse_teacher: every stage draws stage 0's batch stream, so the teacher's outputs can be reused
+    seed = r.seeds.layerwise(0 if cfg.reuse_teacher else st.index)
+    st.params = r.extra_params("layerwise", st.names)
     with r.timers("layerwise"):
-        result = r.distill(layerwise_spec(cfg, st.names, seed=r.seeds.layerwise(st.index)), st.index)
+        result = r.distill(layerwise_spec(cfg, st.names, seed=seed, params=st.params), st.index)
     st.losses = result.losses
     log.info("%s layer-wise distillation: %d it, loss %.4f -> %.4f", st.label, len(st.losses), st.losses[0],
              st.losses[-1])
@@ -415,7 +442,7 @@ def distill_stage(r: Run, st: Stage) -> None:
 
 def checkpoint(r: Run, st: Stage) -> None:
     """e. Write the stage's codebooks durably, then mark it done."""
-    save_stage(st.file, r.student, st.names)
+    save_stage(st.file, r.student, st.names, st.params)
     r.manifest.mark(st.index, files=[st.file], layers=st.names, bytes_shipped=st.bytes_shipped)
     info = {"stage": st.index, "layers": st.names, "bytes_shipped": st.bytes_shipped,
             "stats_bytes_returned": st.stats_bytes, "stats_memory_bytes": st.peak_bytes, "stats_passes": st.passes,
@@ -439,7 +466,8 @@ def global_distillation(r: Run) -> None:
     with r.timers("global"):
         if r.folded_bn and cfg.folded_bn == "unfold":
             unfold_folded_batchnorms(r)
-        result = r.distill(global_spec(cfg, seed=r.seeds.global_(), eval_modules=keep_eval))
+        result = r.distill(global_spec(cfg, seed=r.seeds.global_(), eval_modules=keep_eval,
+                                       params=r.extra_params("global", None)))
     log.info("global distillation: %d it, loss %.4f -> %.4f", len(result.losses), result.losses[0],
              result.losses[-1])
     r.log.write("global", losses_start=result.losses[0], losses_end=result.losses[-1],
@@ -601,12 +629,16 @@ def round_centroids_fp16(model: nn.Module) -> None:
 
 
 def apply_distillation(student: nn.Module, result: PhaseState) -> None:
-    """Copy a distillation result's centroids (and, after the global phase, rank 0's BN buffers)
-    into the driver's student."""
+    """Copy a distillation result's centroids, the extra parameters it trained (BN affine, biases)
+    and, after the global phase, rank 0's BN buffers into the driver's student."""
     layers = pq_layers(student)
     with torch.no_grad():
         for name, c in result.centroids.items():
             layers[name].centroids.copy_(c)
+        if result.params:
+            own = dict(student.named_parameters())
+            for name, value in result.params.items():
+                own[name].copy_(value)
         if result.buffers:
             buffers = dict(student.named_buffers())
             for k, v in result.buffers[0].items():

@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapters import make_adapter
 from .core.stats import make_stats
-from .finetune import PhaseSpec, PhaseState, distill
+from .finetune import MB, PhaseSpec, PhaseState, TeacherCache, distill
 from .messages import CollectRequest, FitJob, FitResult, ShardStats
 from .nn.modules import get_submodule
 from .objectives import objective
@@ -58,6 +58,7 @@ class Worker:
         self.student: nn.Module | None = None
         self.rank, self.world = 0, 1
         self._stream = None   # (phase key, next step, iterator) of the distillation stream in progress
+        self.teacher_cache: TeacherCache | None = None   # layer-wise teacher outputs (finetune.layerwise.reuse_teacher)
 
     @property
     def teacher(self) -> nn.Module:
@@ -175,7 +176,15 @@ class Worker:
                                                       start_step=start))
         self._stream = None   # a piece that fails leaves the stream at an unknown step
         device_batches = (self.adapter.to_device(b, self.device) for b in batches)
+        targets = None
+        if spec.teacher_cache_mb > 0:   # the same stream in every phase that asks: keep the teacher's outputs
+            if self.teacher_cache is None:
+                self.teacher_cache = TeacherCache()
+            self.teacher_cache.bind((spec.seed, spec.batch_size, rank, world), spec.teacher_cache_mb * MB)
+            targets = self.teacher_cache.get
+        else:
+            self.teacher_cache = None   # e.g. the global phase: free the memory
         result = distill(self.student, self.teacher, self.adapter, spec, device_batches,
-                         self._reduce_grads if world > 1 else None, progress, state, stop, rank)
+                         self._reduce_grads if world > 1 else None, progress, state, stop, rank, targets)
         self._stream = (key, stop, batches) if stop < spec.iterations else None
         return result

@@ -9,7 +9,11 @@ Implements the adapter protocol of :mod:`bgd_dist.adapters`:
 - evaluation reads ``data.val`` (ImageFolder layout) with Resize(256) +
   CenterCrop(224) + ImageNet normalisation and scores top-1 / top-5;
 - the distillation loss is KL(teacher softmax || student log-softmax),
-  batch mean (METHOD.md §4).
+  batch mean (METHOD.md §4). With ``data.loss: supervised`` the loss is the
+  cross-entropy on the training images' labels instead (``data.train`` in the
+  ImageFolder layout, class index = sorted folder order, as torchvision's
+  ImageNet weights expect), with ``both`` the KL term plus
+  ``data.supervised_weight`` x the cross-entropy.
 """
 
 from __future__ import annotations
@@ -45,8 +49,11 @@ class ClassificationData:
     eval_batch_size: int = 64
     example_size: int = 224           # input size of the tracing example
     on_bad_image: str = "fail"        # an unreadable image: fail (naming it) | skip (log it, count it in the report)
+    loss: str = "distill"             # distill (KL to the teacher) | supervised (labels' cross-entropy) | both
+    supervised_weight: float = 1.0    # loss: both -> KL + supervised_weight x cross-entropy
 
     def __post_init__(self):
+        check_loss(self.loss, self.supervised_weight)
         if self.image_size < 1 or self.resize < self.image_size:
             raise ValueError(f"need 1 <= image_size <= resize, got image_size={self.image_size}, "
                              f"resize={self.resize}")
@@ -56,6 +63,26 @@ class ClassificationData:
             raise ValueError(f"on_bad_image: expected fail or skip, got {self.on_bad_image!r}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+
+
+LOSSES = ("distill", "supervised", "both")
+
+
+def check_loss(loss: str, supervised_weight: float) -> None:
+    """``data.loss`` / ``data.supervised_weight`` of a classification data section."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    if not supervised_weight >= 0:
+        raise ValueError(f"supervised_weight: must be >= 0, got {supervised_weight}")
+
+
+@dataclass
+class LabelledLogits:
+    """A forward on a labelled distillation batch (``data.loss: supervised`` or ``both``): the
+    logits and the batch's labels, for :meth:`ClassifierAdapter.distill_loss`."""
+
+    logits: Tensor
+    labels: Tensor
 
 
 def kl_distill_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -70,9 +97,14 @@ def images_of(batch) -> Tensor:
 
 class ClassifierAdapter(AdapterBase):
     """What every image classifier shares: batches are images (calibration, distillation) or
-    ``(images, labels)`` (evaluation), the network returns logits, the loss is the KL
-    distillation loss, the evaluator scores top-1 / top-5. Subclasses provide the models
+    ``(images, labels)`` (evaluation; distillation with ``data.loss`` supervised or both), the
+    network returns logits, the loss is the KL distillation loss (``data.loss``: or the labels'
+    cross-entropy, or both), the evaluator scores top-1 / top-5. Subclasses provide the models
     and the data (``build_model``, ``arch``, ``example_batch`` and the batch streams)."""
+
+    @property
+    def loss_mode(self) -> str:
+        return getattr(self.data, "loss", "distill")
 
     def example_batch(self, batch_size: int = 1) -> Tensor:
         raise NotImplementedError
@@ -90,14 +122,26 @@ class ClassifierAdapter(AdapterBase):
     def batch_len(self, batch) -> int:
         return images_of(batch).shape[0]
 
-    def forward(self, model: nn.Module, batch) -> Tensor:
+    def forward(self, model: nn.Module, batch) -> Tensor | LabelledLogits:
+        if self.loss_mode != "distill" and isinstance(batch, (tuple, list)):
+            return LabelledLogits(model(batch[0]), batch[1])
         return model(images_of(batch))
 
     def predict(self, model: nn.Module, batch) -> Tensor:
         return model(images_of(batch))
 
-    def distill_loss(self, student_out: Tensor, teacher_out: Tensor) -> Tensor:
-        return kl_distill_loss(student_out, teacher_out)
+    def distill_loss(self, student_out: Tensor | LabelledLogits, teacher_out: Tensor | LabelledLogits) -> Tensor:
+        mode = self.loss_mode
+        if mode == "distill":
+            return kl_distill_loss(student_out, teacher_out)
+        if not isinstance(student_out, LabelledLogits):
+            raise ValueError(f"distill_loss: data.loss {mode!r} needs labelled distillation batches "
+                             f"(images, labels); got unlabelled ones")
+        logits = student_out.logits
+        supervised = F.cross_entropy(logits, student_out.labels.to(logits.device))
+        if mode == "supervised":
+            return supervised
+        return kl_distill_loss(logits, teacher_out.logits) + self.data.supervised_weight * supervised
 
     def evaluator(self) -> TopKEvaluator:
         return TopKEvaluator((1, 5))
@@ -169,11 +213,18 @@ class ClassificationAdapter(ClassifierAdapter):
         return T.Compose([T.Resize(d.resize), T.CenterCrop(d.image_size), T.ToTensor(), T.Normalize(d.mean, d.std)])
 
     def train_set(self) -> SeededImages:
-        """The training images (labels dropped), listed once per process."""
+        """The training images, listed once per process: labels dropped, unless ``data.loss``
+        needs them (then ``data.train`` must have class sub-folders)."""
         if self._train is None:
             root = require(self.data.train, "data.train")
-            samples, _ = list_images(root, "data.train", labelled=False)
-            self._train = SeededImages([(p, -1) for p, _ in samples], self.train_transform(),
+            samples, classes = list_images(root, "data.train", labelled=False)
+            labelled = self.data.loss != "distill"
+            if labelled and not classes:
+                raise ValueError(f"data.loss: {self.data.loss!r} needs labelled training images, but data.train "
+                                 f"({root}) has no class sub-folders (ImageFolder layout, one sub-folder per "
+                                 f"class); use data.loss: distill")
+            self._train = SeededImages(samples if labelled else [(p, -1) for p, _ in samples],
+                                       self.train_transform(), with_labels=labelled,
                                        skip_bad=self.data.on_bad_image == "skip")
         return self._train
 

@@ -4,8 +4,8 @@ No ImageNet here, so the whole path (statistics, codebooks, distillation on
 Ray, file format, evaluation) is proven on a real dataset that ships with
 scikit-learn: 1797 real 8x8 grey-level digits, upsampled (bilinear) to
 ``image_size`` pixels, split once into 1397 training images (unlabelled for
-the compression, like ImageNet ``train/``) and 400 held-out images (the
-evaluation set; labels used for scoring only).
+the compression, like ImageNet ``train/``, unless ``data.loss`` asks for
+them) and 400 held-out images (the evaluation set; labels used for scoring only).
 
 - :func:`digits_resnet`: a small ResNet (torchvision naming: ``conv1``,
   ``layerN.M.convK``, ``layerN.0.downsample.0``, ``fc``), the architecture
@@ -40,10 +40,10 @@ from torch import Tensor, nn
 
 from bgd_dist.config import MISSING, from_mapping, require
 from bgd_dist.io import atomic_write
-
-from .adapter import ClassifierAdapter
 from bgd_dist.photos import CALIBRATION_SOURCES, photo_crop
 from bgd_dist.sharding import calibration_items, chunks, eval_items, item_seed, train_items
+
+from .adapter import ClassifierAdapter, check_loss
 from .models import load_state_dict
 
 log = logging.getLogger(__name__)
@@ -290,9 +290,12 @@ class DigitsData:
     cache_dir: str = "runs/cache"     # where the trained teacher is cached (absolute on a multi-node cluster)
     teacher_epochs: int = 20
     teacher_seed: int = 0
+    loss: str = "distill"             # distill (KL to the teacher) | supervised (labels' cross-entropy) | both
+    supervised_weight: float = 1.0    # loss: both -> KL + supervised_weight x cross-entropy
     calibration: str = "task"         # task (digit crops) | photos (crops of natural photographs, out of domain)
 
     def __post_init__(self):
+        check_loss(self.loss, self.supervised_weight)
         if self.calibration not in CALIBRATION_SOURCES:
             raise ValueError(f"calibration: expected one of {CALIBRATION_SOURCES}, got {self.calibration!r}")
         if self.image_size < 8:
@@ -365,6 +368,9 @@ class DigitsAdapter(ClassifierAdapter):
         idx = self._train_idx[positions]
         return render(images[idx], self.data.image_size, crop_boxes(seeds, self.data.crop_scale))
 
+    def _labels(self, positions: Tensor) -> Tensor:
+        return digit_arrays()[1][self._train_idx[positions]]
+
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
                             seed: int) -> Iterator[Tensor]:
         idx, seeds = calibration_items(len(self._train_idx), shard, n_shards, n_images, seed)
@@ -376,8 +382,11 @@ class DigitsAdapter(ClassifierAdapter):
 
     def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int,
                       start_step: int = 0) -> Iterator[Tensor]:
+        """Images, or ``(images, labels)`` when ``data.loss`` needs the labels."""
+        labelled = self.data.loss != "distill"
         for idx, seeds in train_items(len(self._train_idx), shard, n_shards, batch_size, seed, start_step):
-            yield self._augmented(idx, seeds.tolist())
+            x = self._augmented(idx, seeds.tolist())
+            yield (x, self._labels(idx)) if labelled else x
 
     def eval_batches(self, shard: int, n_shards: int, max_images: int | None) -> Iterator[tuple[Tensor, Tensor]]:
         images, labels = digit_arrays()
