@@ -179,14 +179,28 @@ def read_manifest(path: Path) -> dict:
 
 
 # -- stage files ------------------------------------------------------------------------------------
-def save_stage(path: Path, student: torch.nn.Module, names: list[str]) -> None:
-    """``stages/<k>/codebooks.pt``: the fine-tuned centroids and the assignments of a stage's layers."""
+#: the key prefix of the other tensors a stage changed (bias correction), stored next to its codebooks
+CORRECTED = "corrected:"
+
+
+def save_stage(path: Path, student: torch.nn.Module, names: list[str], tensors: list[str] | tuple = ()) -> None:
+    """``stages/<k>/codebooks.pt``: the fine-tuned centroids and the assignments of a stage's layers,
+    and the current value of the student's ``tensors`` (parameters or buffers by dotted name, e.g.
+    the biases bias correction changed), which :func:`corrected_from` gives back."""
     layers = pq_layers(student)
     obj = {}
     for n in names:
         obj[f"{n}.centroids"] = layers[n].centroids.detach().cpu().clone()
         obj[f"{n}.assignments"] = layers[n].assignments.detach().cpu().clone()
+    state = student.state_dict()
+    for t in tensors:
+        obj[f"{CORRECTED}{t}"] = state[t].detach().cpu().clone()
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def corrected_from(obj: dict) -> dict:
+    """``{dotted name: tensor}``: the other tensors a loaded stage file holds (see :func:`save_stage`)."""
+    return {k[len(CORRECTED):]: v for k, v in obj.items() if k.startswith(CORRECTED)}
 
 
 def load_stage(path: Path, names: list[str]) -> dict:

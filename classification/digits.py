@@ -362,8 +362,8 @@ class DigitsAdapter(ClassifierAdapter):
         return render(images[idx], self.data.image_size, crop_boxes(seeds, self.data.crop_scale))
 
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
-                            seed: int) -> Iterator[Tensor]:
-        idx, seeds = calibration_items(len(self._train_idx), shard, n_shards, n_images, seed)
+                            seed: int, start: int = 0) -> Iterator[Tensor]:
+        idx, seeds = calibration_items(len(self._train_idx), shard, n_shards, n_images, seed, start)
         for i, s in zip(chunks(idx, batch_size), chunks(seeds, batch_size)):
             yield self._augmented(i, s.tolist())
 
