@@ -316,7 +316,7 @@ def replay(r: Run, st: Stage) -> bool:
         r.log.write("stage_recomputed", stage=st.index, reason=problem)
         return False
     quantize_(r.student, r.plan, codebooks_from(saved, st.names))
-    restore_tensors(r.student, corrected_from(saved))
+    restore_tensors(r.student, corrected_from(saved), st.file)
     r.quantized_bytes += sum(size.nbytes for size in st.sizes.values())
     log.info("%s %s: replayed from %s", st.label, st.names, st.file)
     return True
@@ -472,13 +472,13 @@ def correct_bias(r: Run, st: Stage) -> None:
                         n_images=moments.n_images)
 
 
-def restore_tensors(student: nn.Module, tensors: dict) -> None:
+def restore_tensors(student: nn.Module, tensors: dict, source: Path | str = "<stage file>") -> None:
     """Copy saved tensors (dotted state-dict names, see :func:`~bgd_dist.rundir.save_stage`) into
     ``student``: a replayed stage's bias corrections."""
     state = student.state_dict()
     missing = [k for k in tensors if k not in state]
     if missing:
-        raise ValueError(f"the stage file holds tensors the student lacks: {missing}")
+        raise ValueError(f"{source}: holds tensors the student lacks: {missing}")
     with torch.no_grad():
         for k, v in tensors.items():
             state[k].copy_(v)

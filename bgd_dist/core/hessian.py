@@ -345,5 +345,5 @@ def fit_codebook_hessian(
     return Codebook(centroids, best_a, tuple(history), base.n_empty_repaired)
 
 
-__all__ = ["effective_rank", "auto_damp", "fit_codebook_hessian", "exact_codebook", "error_feedback_assign", "damped_inverse_cholesky", "block_factors",
-           "pooled_metric", "decode_matrix", "relative_output_error", "output_error"]
+__all__ = ["fit_codebook_hessian", "exact_codebook", "error_feedback_assign", "damped_inverse_cholesky", "block_factors",
+           "pooled_metric", "decode_matrix", "relative_output_error", "output_error", "effective_rank", "auto_damp"]
