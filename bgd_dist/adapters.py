@@ -56,9 +56,10 @@ class Adapter(Protocol):
     - ``arch()``: ``{"factory": "module:function", "kwargs": {...}}`` that rebuilds
       the architecture (no weights) for the compressed file.
     - ``trace(model)``: one forward pass on a small example (for the plan).
-    - ``calibration_batches(shard, n_shards, n_images, batch_size, seed)``:
+    - ``calibration_batches(shard, n_shards, n_images, batch_size, seed, start=0)``:
       unlabelled batches of this shard; shards are disjoint and their union is
-      the ``n_images`` calibration images.
+      the ``n_images`` calibration images (stream positions from ``start``; an
+      adapter without ``start`` works for every run without ``quantize.holdout``).
     - ``train_batches(shard, n_shards, batch_size, seed, start_step=0)``: an endless
       stream of unlabelled, augmented batches of this shard (for distillation),
       from global step ``start_step`` on; step ``k``'s batch depends only on
@@ -90,7 +91,7 @@ class Adapter(Protocol):
     def arch(self) -> dict: ...
     def trace(self, model: nn.Module) -> Any: ...
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
-                            seed: int) -> Iterator[Any]: ...
+                            seed: int, start: int = 0) -> Iterator[Any]: ...
     def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int,
                       start_step: int = 0) -> Iterator[Any]: ...
     def to_device(self, batch: Any, device) -> Any: ...

@@ -109,3 +109,52 @@ def keep_in_eval_mode(model: nn.Module, names: list[str] | tuple[str, ...]) -> N
     """Put the modules ``names`` of ``model`` back in eval mode (after ``model.train()``)."""
     for name in names:
         model.get_submodule(name).eval()
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm-like module with an eval-mode affine map ``γ (x - μ) / sqrt(σ² + eps) + β``:
+    ``nn.BatchNorm*`` (affine, with running statistics) or a ``FrozenBatchNorm2d`` (torchvision's,
+    detectron2's), recognised by name so that the engine imports neither."""
+    if isinstance(module, _BatchNorm):
+        return module.affine and module.running_var is not None
+    return type(module).__name__ == "FrozenBatchNorm2d" and all(
+        isinstance(getattr(module, k, None), Tensor) for k in ("weight", "bias", "running_var"))
+
+
+@torch.no_grad()
+def batchnorm_consumers(model: nn.Module, run_example: Callable[[nn.Module], Any],
+                        names: list[str]) -> dict[str, str]:
+    """``{layer: BatchNorm name}`` for each of ``names`` whose output tensor is itself the input of
+    a BatchNorm-like module (:func:`is_batchnorm`) when ``run_example(model)`` runs: the module that
+    directly normalises the layer's output. Layers without one are left out."""
+    from .nn.modules import get_submodule
+
+    outputs: dict[str, Tensor] = {}
+    found: dict[str, str] = {}
+    handles = []
+
+    def record_output(name):
+        def hook(module, args, out):
+            if isinstance(out, Tensor):
+                outputs.setdefault(name, out)   # kept alive: identity, not ids, is compared
+        return hook
+
+    def record_input(bn_name):
+        def hook(module, args):
+            if args and isinstance(args[0], Tensor):
+                for name, out in outputs.items():
+                    if args[0] is out:
+                        found.setdefault(name, bn_name)
+        return hook
+
+    try:
+        for name in names:
+            handles.append(get_submodule(model, name).register_forward_hook(record_output(name)))
+        for bn_name, module in model.named_modules():
+            if is_batchnorm(module):
+                handles.append(module.register_forward_pre_hook(record_input(bn_name)))
+        run_example(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: found[n] for n in names if n in found}

@@ -142,13 +142,18 @@ class ModelConfig:
 class HessianConfig:
     """Settings of the ``hessian`` objective (bgd_dist/core/hessian.py)."""
 
-    damp: float = 0.01                # λ = damp · mean(diag H) added before inverting H (GPTQ's percdamp)
+    # λ = damp · mean(diag H) added before inverting H (GPTQ's percdamp); ``auto``: chosen per layer
+    # from the effective rank r of its L x L H (bgd_dist.core.hessian.auto_damp): 0.01 · L / r, at most 1
+    damp: float | str = 0.01
     rounds: int = 4                   # error-feedback assignment + exact codebook update, alternated
     cg_steps: int = 20                # conjugate-gradient steps per exact codebook update
     max_mb: float = 256.0             # a layer whose L x L float64 H is larger uses the pooled Gram (logged)
 
     def __post_init__(self):
-        if not self.damp > 0:
+        if isinstance(self.damp, str):
+            if self.damp != "auto":
+                raise ValueError(f"damp: expected a number > 0 or auto, got {self.damp!r}")
+        elif not self.damp > 0:
             raise ValueError(f"damp: must be > 0, got {self.damp}")
         for key in ("rounds", "cg_steps"):
             if getattr(self, key) < 0:
@@ -200,6 +205,21 @@ class QuantizeConfig:
     n_calibration: int = 1024         # calibration images per stage
     batch_size: int = 128
     seed: int = 0
+    # after a stage is swapped, shift each layer's output back to the teacher's per-channel mean on
+    # the calibration images (into the layer's bias, or the beta of the BatchNorm that reads it)
+    bias_correction: bool = False
+    holdout: float = 0.0              # share of the calibration images kept out of the fit (objective_holdout)
+
+    @property
+    def n_holdout(self) -> int:
+        """Calibration images held out of the fit: the last ``round(holdout · n_calibration)``
+        positions of the calibration stream (:func:`bgd_dist.sharding.calibration_items`)."""
+        return round(self.holdout * self.n_calibration) if self.holdout > 0 else 0
+
+    @property
+    def n_fit(self) -> int:
+        """Calibration images the statistics of the fit are collected on (the first positions)."""
+        return self.n_calibration - self.n_holdout
 
     def __post_init__(self):
         if not self.rules:
@@ -224,6 +244,11 @@ class QuantizeConfig:
         for key in ("n_centroids", "n_iter", "n_calibration", "batch_size"):
             if getattr(self, key) < (0 if key == "n_iter" else 1):
                 raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout: must be in [0, 1), got {self.holdout}")
+        if self.holdout > 0 and not 1 <= self.n_holdout < self.n_calibration:
+            raise ValueError(f"holdout: {self.holdout:g} of n_calibration = {self.n_calibration} leaves "
+                             f"{self.n_holdout} held-out and {self.n_fit} fitted images; both need at least one")
 
 
 LR_SCALINGS = ("linear", "sqrt", "none")

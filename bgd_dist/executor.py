@@ -11,7 +11,8 @@ from typing import Callable
 
 from .core.stats import merge_all, stats_from_state
 from .finetune import PhaseSpec, PhaseState, combine
-from .messages import CollectRequest, CollectResult, FitJob, FitResult, ShardStats
+from .messages import (CollectRequest, CollectResult, FitJob, FitResult, OutputMoments, OutputMomentsRequest,
+                       ShardOutputMoments, ShardStats)
 from .worker import Worker, run_fit
 
 
@@ -34,6 +35,12 @@ class Executor:
     def collect(self, request: CollectRequest, progress: Callable[[int], None] | None = None) -> CollectResult:
         """The requested statistics over the calibration shards, merged in shard order
         (``progress(n_images)`` after each shard)."""
+        raise NotImplementedError
+
+    def output_moments(self, request: OutputMomentsRequest,
+                       progress: Callable[[int], None] | None = None) -> OutputMoments:
+        """Per-channel output moments of the requested layers on the teacher and on the current
+        student over the calibration shards, merged in shard order (``progress(n_images)``)."""
         raise NotImplementedError
 
     def fit(self, jobs: list[FitJob], progress: Callable[[FitResult], None] | None = None) -> dict[str, FitResult]:
@@ -84,6 +91,14 @@ def merge_shard_results(results: list[ShardStats]) -> CollectResult:
                          tuple(r.n_images / r.seconds if r.seconds > 0 else 0.0 for r in results))
 
 
+def merge_output_moments(results: list[ShardOutputMoments]) -> OutputMoments:
+    """Merge per-shard output moments (in shard order, like :func:`merge_shard_results`)."""
+    merged = {which: {n: merge_all([stats_from_state(getattr(r, which)[n]) for r in results])
+                      for n in getattr(results[0], which)} for which in ("teacher", "student")}
+    return OutputMoments(merged["teacher"], merged["student"], sum(r.n_images for r in results),
+                         sum(r.seconds for r in results))
+
+
 class SerialExecutor(Executor):
     """Everything in this process, shard after shard; no Ray."""
 
@@ -107,6 +122,14 @@ class SerialExecutor(Executor):
             if progress:
                 progress(results[-1].n_images)
         return merge_shard_results(results)
+
+    def output_moments(self, request, progress=None) -> OutputMoments:
+        results = []
+        for shard in range(self.num_shards):
+            results.append(self.worker.output_moments(request, shard, self.num_shards))
+            if progress:
+                progress(results[-1].n_images)
+        return merge_output_moments(results)
 
     def fit(self, jobs, progress=None) -> dict[str, FitResult]:
         out = {}

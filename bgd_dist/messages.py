@@ -26,12 +26,15 @@ class LayerRequest:
 @dataclass(frozen=True)
 class CollectRequest:
     """Statistics of ``layers`` over ``n_images`` calibration images (split over the shards),
-    streamed through the workers' current student ``batch_size`` at a time."""
+    streamed through the workers' current student ``batch_size`` at a time. ``start``: the
+    position in the calibration stream the images start at (0; the held-out images of
+    ``quantize.holdout`` start after the fitted ones)."""
 
     layers: tuple[LayerRequest, ...]
     n_images: int
     batch_size: int
     seed: int
+    start: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -73,6 +76,40 @@ class CollectResult:
         return sum(st.nbytes for st in self.stats.values())
 
 
+@dataclass(frozen=True)
+class OutputMomentsRequest:
+    """Per-channel moments of the *outputs* of ``layers`` (dimension 1), on the teacher and on the
+    current student run on the same ``n_images`` calibration images (bias correction)."""
+
+    layers: tuple[str, ...]
+    n_images: int
+    batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+
+@dataclass(frozen=True)
+class ShardOutputMoments:
+    """One shard's output moments: ``{name: ChannelMoments.state()}`` of the teacher and of the student."""
+
+    teacher: dict
+    student: dict
+    n_images: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class OutputMoments:
+    """The shards' output moments merged in shard order: ``{name: ChannelMoments}`` for each model."""
+
+    teacher: dict
+    student: dict
+    n_images: int
+    seconds: float
+
+
 # -- codebooks --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FitSettings:
@@ -82,7 +119,7 @@ class FitSettings:
     init: str = "random"
     refine: str = "hartigan"
     hessian_rounds: int = 4            # the hessian objective only (quantize.hessian.*)
-    hessian_damp: float = 0.01
+    hessian_damp: float | str = 0.01   # a number, or auto (per layer, bgd_dist.objectives.layer_damp)
     hessian_cg_steps: int = 20
     kmeans_backend: str = "torch"      # the E-step's nearest-centroid search: torch | faiss
 

@@ -17,8 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .core.hessian import fit_codebook_hessian
+import torch
+
+from .core.hessian import auto_damp, effective_rank, fit_codebook_hessian, relative_output_error
 from .core.kmeans import Codebook, fit_codebook
+from .core.layouts import to_subvectors
 from .core.sizing import MB
 from .core.stats import HessianStats
 
@@ -32,11 +35,40 @@ def _fit_kmeans(job) -> Codebook:
                         job.seed, job.name, s.refine, search)
 
 
+def layer_damp(damp: float | str, hessian) -> float:
+    """The damping of one layer's fit: ``damp`` itself, or for ``auto`` the rule of
+    :func:`~bgd_dist.core.hessian.auto_damp` on the effective rank of its ``L x L`` Hessian."""
+    if damp != "auto":
+        return damp
+    return auto_damp(effective_rank(hessian), hessian.shape[0])
+
+
 def _fit_hessian(job) -> Codebook:
     s = job.settings
     return fit_codebook_hessian(job.weight, job.geometry, job.metric, job.n_centroids, job.block_size, s.n_iter,
-                                s.init, job.seed, job.name, s.refine, s.hessian_rounds, s.hessian_damp,
-                                s.hessian_cg_steps)
+                                s.init, job.seed, job.name, s.refine, s.hessian_rounds,
+                                layer_damp(s.hessian_damp, job.metric), s.hessian_cg_steps)
+
+
+def relative_objective(name: str, weight, geometry, codebook: Codebook, stats) -> float | None:
+    """The relative objective of ``codebook`` (fitted for ``weight`` under the objective ``name``)
+    measured under the statistics ``stats`` (e.g. of held-out calibration images), as the fit
+    reports it: ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` (hessian) or ``Σ Δwᵀ G Δw / Σ wᵀ G w`` over the
+    subvectors (paper). None for an objective without calibration statistics (weights)."""
+    o = objective(name)
+    if not o.needs_calibration:
+        return None
+    decoded = codebook.decode(geometry, getattr(stats, "layer", "<layer>"))
+    if o.stats == "hessian":
+        return relative_output_error(weight, decoded, geometry, stats.metric())
+    metric = stats.metric().to(torch.float64)
+    metric = (metric + metric.T) / 2
+    d = codebook.block_size
+    w = to_subvectors(weight.detach(), geometry, d).to(torch.float64)
+    diff = w - to_subvectors(decoded.detach(), geometry, d).to(torch.float64)
+    total = float(((w @ metric) * w).sum())
+    err = float(((diff @ metric) * diff).sum())
+    return err / total if total > 0 else (0.0 if err == 0 else float("inf"))
 
 
 def _hessian_fallback(layer, hessian_cfg) -> str | None:

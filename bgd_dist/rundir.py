@@ -180,10 +180,16 @@ def read_manifest(path: Path) -> dict:
 
 
 # -- stage files ------------------------------------------------------------------------------------
-def save_stage(path: Path, student: torch.nn.Module, names: list[str], params: tuple[str, ...] | list[str] = ()) -> None:
-    """``stages/<k>/codebooks.pt``: the fine-tuned centroids and the assignments of a stage's layers,
-    and under ``"params"`` the other parameters its distillation trained (BN affine, biases; only
-    when there are any)."""
+#: the key prefix of the other tensors a stage changed (bias correction), stored next to its codebooks
+CORRECTED = "corrected:"
+
+
+def save_stage(path: Path, student: torch.nn.Module, names: list[str], params: tuple[str, ...] | list[str] = (),
+               tensors: list[str] | tuple = ()) -> None:
+    """``stages/<k>/codebooks.pt``: the fine-tuned centroids and the assignments of a stage's layers;
+    under ``"params"`` the other parameters its distillation trained (BN affine, biases; only when
+    there are any); and the current value of the student's ``tensors`` (parameters or buffers by
+    dotted name, e.g. the biases bias correction changed), which :func:`corrected_from` gives back."""
     layers = pq_layers(student)
     obj = {}
     for n in names:
@@ -192,7 +198,15 @@ def save_stage(path: Path, student: torch.nn.Module, names: list[str], params: t
     if params:
         own = dict(student.named_parameters())
         obj["params"] = {n: own[n].detach().cpu().clone() for n in params}
+    state = student.state_dict()
+    for t in tensors:
+        obj[f"{CORRECTED}{t}"] = state[t].detach().cpu().clone()
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def corrected_from(obj: dict) -> dict:
+    """``{dotted name: tensor}``: the other tensors a loaded stage file holds (see :func:`save_stage`)."""
+    return {k[len(CORRECTED):]: v for k, v in obj.items() if k.startswith(CORRECTED)}
 
 
 def load_stage(path: Path, names: list[str]) -> dict:

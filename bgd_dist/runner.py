@@ -11,7 +11,7 @@ A run is a :class:`Run` (what every step reads and writes: config, run
 directory, adapter, teacher, student, plan, executor, manifest, log, timers,
 seeds) and, per stage, a :class:`Stage` that the steps below fill in turn::
 
-    for each stage:  replay  |  collect -> fit -> swap -> distill -> checkpoint
+    for each stage:  replay  |  collect -> fit -> swap [-> correct_bias] -> distill -> checkpoint
     then:            global distillation -> export -> evaluation -> report
 """
 
@@ -37,16 +37,16 @@ from .executor import Executor, SerialExecutor
 from .finetune import (Diverged, PhaseSpec, PhaseState, batchnorms_after, check_divergence, global_spec,
                        layerwise_spec, trainable_parameters)
 from .io import atomic_write_text
-from .messages import CollectRequest, FitJob, FitResult, FitSettings, LayerRequest
+from .messages import CollectRequest, FitJob, FitResult, FitSettings, LayerRequest, OutputMomentsRequest
 from .nn.modules import get_submodule, pq_layers, quantize_
-from .objectives import Objective, resolve
+from .objectives import Objective, relative_objective, resolve
 from .phases import checkpoint_path, run_phase
 from .plots import LossPlot
 from .progress import bar as progress_bar
 from .plan import LayerPlan, Plan
-from .rundir import (MANIFEST_VERSION, JsonlLog, Manifest, codebooks_from, directory_bytes,  # noqa: F401
-                     fingerprinted_config, load_stage, load_stage_stats, run_fingerprint, save_stage, save_stage_stats,
-                     tensor_digest)
+from .rundir import (MANIFEST_VERSION, JsonlLog, Manifest, codebooks_from, corrected_from,  # noqa: F401
+                     directory_bytes, fingerprinted_config, load_stage, load_stage_stats, run_fingerprint, save_stage,
+                     save_stage_stats, tensor_digest)
 from .runlock import RunDirectoryLocked, RunLock  # noqa: F401 (re-exported)
 from .seeds import Seeds
 from .student import student_state
@@ -248,6 +248,9 @@ class Stage:
         """The share of the workers' collection time spent waiting for images (reading, decoding)."""
         total = sum(part.seconds for part in self.throughput)
         return sum(part.data_seconds for part in self.throughput) / total if total > 0 else 0.0
+    holdout: dict = field(default_factory=dict)       # name -> statistics of the held-out images (quantize.holdout)
+    extras: dict = field(default_factory=dict)        # name -> more fields of its ``layer`` record (rank, held-out)
+    corrected: dict = field(default_factory=dict)     # name -> what bias correction did (quantize.bias_correction)
 
     @property
     def names(self) -> list[str]:
@@ -346,6 +349,7 @@ def replay(r: Run, st: Stage) -> bool:
         r.log.write("stage_recomputed", stage=st.index, reason=problem)
         return False
     quantize_(r.student, r.plan, codebooks_from(saved, st.names))
+    restore_tensors(r.student, corrected_from(saved), st.file)
     if saved.get("params"):   # BN affine parameters / biases its distillation trained
         own = dict(r.student.named_parameters())
         with torch.no_grad():
@@ -376,11 +380,15 @@ def collect(r: Run, st: Stage) -> None:
         with progress_bar(q.n_calibration * len(passes), f"collect {st.index}", "img", r.progress,
                           leave=False) as bar:
             for group in passes:   # several passes only when the stage's Hessians exceed max_mb
-                part = r.executor.collect(CollectRequest(group, q.n_calibration, q.batch_size,
+                part = r.executor.collect(CollectRequest(group, q.n_fit, q.batch_size,
                                                          r.seeds.collect(st.index)), progress=bar.update)
                 st.peak_bytes = max(st.peak_bytes, part.nbytes)
                 st.stats.update(part.stats)
                 st.throughput.append(part)
+                if q.n_holdout:   # the same statistics on the held-out images (the stream's next positions)
+                    held = r.executor.collect(CollectRequest(group, q.n_holdout, q.batch_size, r.seeds.collect(st.index),
+                                                             start=q.n_fit), progress=bar.update)
+                    st.holdout.update(held.stats)
         st.stats_file_bytes = save_stage_stats(st.dir / "stats.pt", st.stats, q.keep_stats)
         st.passes = len(passes)
         st.stats_bytes = sum(s.nbytes for s in st.stats.values()) * r.executor.num_shards
@@ -407,6 +415,34 @@ def fit(r: Run, st: Stage) -> None:
                                seed=r.seeds.fit(l), objective=st.objectives[l.name].name, settings=settings))
         with progress_bar(len(jobs), f"fit {st.index}", "layer", r.progress, leave=False) as bar:
             st.fitted = r.executor.fit(jobs, progress=lambda result: bar.update())
+        for job in jobs:
+            st.extras[job.name] = layer_diagnostics(r, st, job)
+
+
+def layer_diagnostics(r: Run, st: Stage, job: FitJob) -> dict:
+    """More fields of a layer's ``layer`` record: the effective rank of its Gram / Hessian
+    (``rank`` of ``dim``; warned when deficient), the damping ``hessian.damp: auto`` chose, and
+    the fitted codebook's relative objective on the held-out images (``objective_holdout``)."""
+    from .core.hessian import RANK_RTOL, auto_damp, effective_rank
+
+    out = {}
+    stats = st.stats.get(job.name)
+    kind = getattr(stats, "name", None)
+    if kind in ("gram", "hessian"):
+        dim = stats.matrix.shape[0]
+        rank = effective_rank(stats.matrix, RANK_RTOL)
+        out.update(rank=rank, dim=dim)
+        if rank < dim:
+            rows = stats.n_inputs if kind == "hessian" else stats.n_rows
+            log.warning("%s %s: rank %d of %d from %d input rows (%s statistics; eigenvalues above %g x the "
+                        "largest); the objective does not constrain the weights in the other directions",
+                        st.label, job.name, rank, dim, rows, kind, RANK_RTOL)
+        if job.objective == "hessian" and job.settings.hessian_damp == "auto":
+            out["damp"] = auto_damp(rank, dim)
+    if job.name in st.holdout:
+        out["objective_holdout"] = relative_objective(job.objective, job.weight, job.geometry,
+                                                      st.fitted[job.name].codebook, st.holdout[job.name])
+    return out
 
 
 def swap(r: Run, st: Stage) -> None:
@@ -416,13 +452,77 @@ def swap(r: Run, st: Stage) -> None:
         f, size = st.fitted[l.name], st.sizes[l.name]
         r.quantized_bytes += size.nbytes
         obj, name = f.codebook.objective, st.objectives[l.name].name
-        log.info("%s %s: d=%d K=%d %.3f bits/w %s objective %.4f -> %.4f fit %.2fs | quantized so far %.3f MB",
-                 st.label, l.name, l.block_size, l.n_centroids, size.bits_per_weight, name, obj[0], obj[-1],
+        extra = st.extras.get(l.name, {})
+        held = "" if extra.get("objective_holdout") is None else f" (held-out {extra['objective_holdout']:.4f})"
+        log.info("%s %s: d=%d K=%d %.3f bits/w %s objective %.4f -> %.4f%s fit %.2fs | quantized so far %.3f MB",
+                 st.label, l.name, l.block_size, l.n_centroids, size.bits_per_weight, name, obj[0], obj[-1], held,
                  f.seconds, r.quantized_bytes / MB)
         r.log.write("layer", stage=st.index, layer=l.name, block_size=l.block_size, n_centroids=l.n_centroids,
                     objective=name, bits_per_weight=size.bits_per_weight, objective_start=obj[0],
                     objective_end=obj[-1], fit_seconds=f.seconds, quantized_mb_so_far=r.quantized_bytes / MB,
-                    n_empty_repaired=f.codebook.n_empty_repaired)
+                    n_empty_repaired=f.codebook.n_empty_repaired, **extra)
+
+
+def correct_bias(r: Run, st: Stage) -> None:
+    """c'. ``quantize.bias_correction``: run the teacher and the swapped student on the stage's
+    calibration images (the fitted ones, same shards and seed as :func:`collect`), and remove the
+    difference of every layer's per-channel output mean, ``δ = mean_teacher - mean_student``:
+    into the layer's own bias, else into the β of the BatchNorm that reads its output
+    (``β += γ / sqrt(running_var + eps) · δ``; running statistics are never re-estimated, so a
+    folded BatchNorm keeps its 0 / 1). A layer with neither is left as it is (logged)."""
+    from .batchnorm import batchnorm_consumers
+
+    q = r.cfg.quantize
+    if not q.bias_correction:
+        return
+    with r.timers("bias_correction"):
+        r.ship_student()
+        request = OutputMomentsRequest(st.names, q.n_fit, q.batch_size, r.seeds.collect(st.index))
+        with progress_bar(q.n_fit, f"bias {st.index}", "img", r.progress, leave=False) as bar:
+            moments = r.executor.output_moments(request, progress=bar.update)
+        consumers = batchnorm_consumers(r.teacher, r.adapter.trace, st.names)
+        for name in st.names:
+            mean_t, var_t = moments.teacher[name].mean_var()
+            mean_s, _ = moments.student[name].mean_var()
+            delta = mean_t - mean_s
+            relative = delta.abs() / var_t.sqrt().clamp_min(1e-12)
+            layer = get_submodule(r.student, name)
+            with torch.no_grad():
+                if layer.bias is not None:
+                    into, tensor = "bias", f"{name}.bias"
+                    layer.bias.add_(delta.to(layer.bias))
+                elif name in consumers:
+                    bn = get_submodule(r.student, consumers[name])
+                    into, tensor = consumers[name], f"{consumers[name]}.bias"
+                    scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+                    bn.bias.add_((scale * delta.to(scale)).to(bn.bias))
+                else:
+                    into, tensor = None, None
+            st.corrected[name] = {"into": into, "tensor": tensor, "max_relative": float(relative.max()),
+                                  "mean_relative": float(relative.mean())}
+            if into is None:
+                log.warning("%s %s: no bias correction (the layer has no bias and no BatchNorm reads its output); "
+                            "output mean shift max %.3g / mean %.3g channel std", st.label, name,
+                            relative.max(), relative.mean())
+            else:
+                log.info("%s %s: bias correction into %s: output mean shift max %.3g / mean %.3g channel std",
+                         st.label, name, "its bias" if into == "bias" else f"the beta of {into}",
+                         relative.max(), relative.mean())
+            r.log.write("bias_correction", stage=st.index, layer=name, into=into, tensor=tensor,
+                        max_relative_shift=float(relative.max()), mean_relative_shift=float(relative.mean()),
+                        n_images=moments.n_images)
+
+
+def restore_tensors(student: nn.Module, tensors: dict, source: Path | str = "<stage file>") -> None:
+    """Copy saved tensors (dotted state-dict names, see :func:`~bgd_dist.rundir.save_stage`) into
+    ``student``: a replayed stage's bias corrections."""
+    state = student.state_dict()
+    missing = [k for k in tensors if k not in state]
+    if missing:
+        raise ValueError(f"{source}: holds tensors the student lacks: {missing}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            state[k].copy_(v)
 
 
 def distill_stage(r: Run, st: Stage) -> None:
@@ -442,7 +542,8 @@ def distill_stage(r: Run, st: Stage) -> None:
 
 def checkpoint(r: Run, st: Stage) -> None:
     """e. Write the stage's codebooks durably, then mark it done."""
-    save_stage(st.file, r.student, st.names, st.params)
+    save_stage(st.file, r.student, st.names, st.params,
+               [c["tensor"] for c in st.corrected.values() if c["tensor"]])
     r.manifest.mark(st.index, files=[st.file], layers=st.names, bytes_shipped=st.bytes_shipped)
     info = {"stage": st.index, "layers": st.names, "bytes_shipped": st.bytes_shipped,
             "stats_bytes_returned": st.stats_bytes, "stats_memory_bytes": st.peak_bytes, "stats_passes": st.passes,
@@ -451,6 +552,11 @@ def checkpoint(r: Run, st: Stage) -> None:
             "collect_images_per_s_per_worker": round(st.images_per_s, 3) if st.throughput else None,
             "collect_data_share": round(st.data_share, 4) if st.throughput else None,
             "loss_start": st.losses[0] if st.losses else None, "loss_end": st.losses[-1] if st.losses else None}
+    if st.corrected:
+        info["bias_correction"] = {n: {k: v for k, v in c.items() if k != "tensor"} for n, c in st.corrected.items()}
+    if st.holdout:
+        info["objective"] = {n: f.codebook.objective[-1] for n, f in st.fitted.items()}
+        info["objective_holdout"] = {n: st.extras.get(n, {}).get("objective_holdout") for n in st.fitted}
     r.report["stages"].append(info)
     r.log.write("stage", **info)
     (st.dir / "distill.pt").unlink(missing_ok=True)   # the stage file now holds the distilled codebooks
@@ -599,6 +705,7 @@ def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress, ad
             collect(r, st)
             fit(r, st)
             swap(r, st)
+            correct_bias(r, st)
             distill_stage(r, st)
             checkpoint(r, st)
             if fail_after_stage is not None and st.index == fail_after_stage:

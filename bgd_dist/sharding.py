@@ -10,7 +10,10 @@ way and a shard's content depends on nothing but its arguments:
   ``order[p % n_available]``, each position with its own augmentation seed
   (:func:`item_seed`), so a repeated image is a fresh augmentation of it.
   Shard ``i`` of ``n`` takes positions ``i, i + n, ...``: shards are disjoint
-  and their union is the ``n_images`` positions.
+  and their union is the ``n_images`` positions. ``start`` shifts the positions
+  to ``start .. start + n_images - 1`` of the same stream: the held-out images
+  of ``quantize.holdout`` are the positions after the fitted ones (disjoint
+  positions; a cycled stream may show an image again, as a fresh augmentation).
 - **training** (:func:`train_items`, distillation): an endless sequence of
   global batches of ``batch_size * n_shards`` items drawn uniformly with
   replacement, with their augmentation seeds. Global step ``k``'s batch is a
@@ -49,13 +52,16 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def calibration_items(n_available: int, shard: int, n_shards: int, n_images: int,
-                      seed: int) -> tuple[Tensor, Tensor]:
-    """``(indices, augmentation seeds)`` of this shard's calibration items (int64 tensors)."""
+                      seed: int, start: int = 0) -> tuple[Tensor, Tensor]:
+    """``(indices, augmentation seeds)`` of this shard's calibration items (int64 tensors), at
+    stream positions ``start .. start + n_images - 1``."""
     check_shard(shard, n_shards)
     if n_available < 1:
         raise ValueError("no images to calibrate on")
+    if start < 0:
+        raise ValueError(f"calibration stream position {start} < 0")
     order = torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))
-    mine = torch.arange(n_images)[shard::n_shards]
+    mine = start + torch.arange(n_images)[shard::n_shards]
     seeds = torch.tensor([item_seed(seed, int(p)) for p in mine], dtype=torch.int64)
     return order[mine % n_available], seeds
 

@@ -115,8 +115,8 @@ class ToyAdapter(AdapterBase):
         return model(synthetic_images(torch.arange(1), self.data.image_size, self.data.seed))
 
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
-                            seed: int) -> Iterator[Tensor]:
-        idx, _ = calibration_items(self.data.n_images, shard, n_shards, n_images, seed)
+                            seed: int, start: int = 0) -> Iterator[Tensor]:
+        idx, _ = calibration_items(self.data.n_images, shard, n_shards, n_images, seed, start)
         for chunk in chunks(idx, batch_size):
             yield synthetic_images(chunk, self.data.image_size, self.data.seed)
 

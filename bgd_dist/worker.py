@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .adapters import make_adapter
-from .core.stats import make_stats
+from .core.stats import ChannelMoments, make_stats
 from .finetune import MB, PhaseSpec, PhaseState, TeacherCache, distill
-from .messages import CollectRequest, FitJob, FitResult, ShardStats
+from .messages import CollectRequest, FitJob, FitResult, OutputMomentsRequest, ShardOutputMoments, ShardStats
 from .nn.modules import get_submodule
 from .objectives import objective
 from .student import load_student
@@ -95,8 +95,7 @@ class Worker:
         seen, waiting = 0, 0.0
         try:
             self.student.eval()
-            batches = iter(self.adapter.calibration_batches(shard, n_shards, request.n_images, request.batch_size,
-                                                            request.seed))
+            batches = iter(self._calibration(request, shard, n_shards))
             while True:
                 t = time.perf_counter()
                 batch = next(batches, None)
@@ -109,6 +108,50 @@ class Worker:
             for h in handles:
                 h.remove()
         return ShardStats({n: s.state() for n, s in stats.items()}, seen, time.perf_counter() - start, waiting)
+
+    def _calibration(self, request, shard: int, n_shards: int):
+        """This shard's calibration batches of ``request`` (from stream position ``request.start``)."""
+        start = getattr(request, "start", 0)
+        if not start:   # adapters without the ``start`` keyword serve every run without a holdout
+            return self.adapter.calibration_batches(shard, n_shards, request.n_images, request.batch_size,
+                                                    request.seed)
+        try:
+            return self.adapter.calibration_batches(shard, n_shards, request.n_images, request.batch_size,
+                                                    request.seed, start=start)
+        except TypeError as e:
+            raise TypeError(f"{type(self.adapter).__name__}.calibration_batches does not take start= (held-out "
+                            f"calibration images, quantize.holdout): {e}") from None
+
+    @torch.no_grad()
+    def output_moments(self, request: OutputMomentsRequest, shard: int, n_shards: int) -> ShardOutputMoments:
+        """Per-channel moments of the outputs of ``request.layers`` on the teacher and on the
+        current student, both run on this shard's calibration images (bias correction)."""
+        if self.student is None:
+            raise RuntimeError("output_moments called before load_student")
+        start = time.perf_counter()
+        moments = {which: {n: ChannelMoments.empty(layer=n) for n in request.layers} for which in ("teacher", "student")}
+        handles = []
+        models = {"teacher": self.teacher, "student": self.student}
+        for which, model in models.items():
+            for name in request.layers:
+                module = get_submodule(model, name)
+                handles.append(module.register_forward_hook(
+                    lambda m, args, out, s=moments[which][name]: s.update(out)))
+        seen = 0
+        try:
+            for model in models.values():
+                model.eval()
+            for batch in self._calibration(request, shard, n_shards):
+                batch = self.adapter.to_device(batch, self.device)
+                self.adapter.forward(self.teacher, batch)
+                self.adapter.forward(self.student, batch)
+                seen += self.adapter.batch_len(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return ShardOutputMoments({n: m.state() for n, m in moments["teacher"].items()},
+                                  {n: m.state() for n, m in moments["student"].items()}, seen,
+                                  time.perf_counter() - start)
 
     def skipped_items(self) -> list[str]:
         """The input files this worker's adapter left out as unreadable (``data.on_bad_image: skip``)."""

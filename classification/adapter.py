@@ -237,9 +237,9 @@ class ClassificationAdapter(ClassifierAdapter):
         return self._val
 
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
-                            seed: int) -> Iterator[Tensor]:
+                            seed: int, start: int = 0) -> Iterator[Tensor]:
         dataset = self.train_set()
-        idx, seeds = calibration_items(len(dataset), shard, n_shards, n_images, seed)
+        idx, seeds = calibration_items(len(dataset), shard, n_shards, n_images, seed, start)
         keys = list(zip(idx.tolist(), seeds.tolist()))
         yield from loader(dataset, batches_of(keys, batch_size), self.data.num_workers, self._skipped)
 

@@ -372,8 +372,8 @@ class DigitsAdapter(ClassifierAdapter):
         return digit_arrays()[1][self._train_idx[positions]]
 
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
-                            seed: int) -> Iterator[Tensor]:
-        idx, seeds = calibration_items(len(self._train_idx), shard, n_shards, n_images, seed)
+                            seed: int, start: int = 0) -> Iterator[Tensor]:
+        idx, seeds = calibration_items(len(self._train_idx), shard, n_shards, n_images, seed, start)
         for i, s in zip(chunks(idx, batch_size), chunks(seeds, batch_size)):
             if self.data.calibration == "photos":   # 8x8 grey crops of photographs, rendered like digits
                 yield render(torch.stack([photo_crop(int(v), 8, 8, grey=True)[0] for v in s]), self.data.image_size)

@@ -323,11 +323,11 @@ class MaskRCNNAdapter(AdapterBase):
         return sorted(self._skipped)
 
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
-                            seed: int) -> Iterator[list[Tensor]]:
+                            seed: int, start: int = 0) -> Iterator[list[Tensor]]:
         """Unlabelled training images: this shard's part of a seeded choice of ``n_images``
         (:func:`bgd_dist.sharding.calibration_items`; cycled if the set is smaller)."""
         split = self._split("train")
-        idx, seeds = calibration_items(len(split), shard, n_shards, n_images, seed)
+        idx, seeds = calibration_items(len(split), shard, n_shards, n_images, seed, start)
         for chunk, chunk_seeds in zip(chunks(idx.tolist(), batch_size), chunks(seeds.tolist(), batch_size)):
             images = [x for x in (self._load(split, i) for i in chunk) if x is not None]
             if self.data.calibration == "photos":   # the same sizes, cut from natural photographs

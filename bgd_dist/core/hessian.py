@@ -157,6 +157,31 @@ def _exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: 
     return x, f
 
 
+#: an eigenvalue counts towards the effective rank when it exceeds this share of the largest one
+RANK_RTOL = 1e-6
+
+
+def effective_rank(matrix: Tensor, rtol: float = RANK_RTOL) -> int:
+    """The number of eigenvalues of the symmetric PSD ``matrix`` above ``rtol`` times the largest
+    (float64; 0 for a zero matrix). Fewer than ``matrix.shape[0]``: some input directions were
+    never seen on the calibration data, and the objective does not constrain the weights there."""
+    m = matrix.detach().to(torch.float64)
+    eig = torch.linalg.eigvalsh((m + m.T) / 2)
+    top = float(eig[-1]) if eig.numel() else 0.0
+    if not top > 0:
+        return 0
+    return int((eig > rtol * top).sum())
+
+
+def auto_damp(rank: int, dim: int, base: float = 0.01, most: float = 1.0) -> float:
+    """``quantize.hessian.damp: auto``: ``base`` (GPTQ's 1 %) for a full-rank ``H``, scaled by
+    ``dim / rank`` when ``H`` is rank-deficient (the error feedback then leans less on directions
+    the calibration data never excited), at most ``most``; ``most`` for a zero ``H``."""
+    if rank <= 0:
+        return most
+    return min(most, base * dim / rank)
+
+
 def damped_inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + λ I)⁻¹``, ``λ = damp · mean(diag H)``.
 
@@ -321,4 +346,4 @@ def fit_codebook_hessian(
 
 
 __all__ = ["fit_codebook_hessian", "exact_codebook", "error_feedback_assign", "damped_inverse_cholesky", "block_factors",
-           "pooled_metric", "decode_matrix", "relative_output_error", "output_error"]
+           "pooled_metric", "decode_matrix", "relative_output_error", "output_error", "effective_rank", "auto_damp"]

@@ -39,9 +39,9 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..adapters import DataError, make_adapter
 from ..config import ModelConfig
-from ..executor import Executor, merge_shard_results, payload_nbytes
+from ..executor import Executor, merge_output_moments, merge_shard_results, payload_nbytes
 from ..finetune import Diverged, PhaseSpec, PhaseState, combine
-from ..messages import CollectRequest, CollectResult, FitJob, FitResult
+from ..messages import CollectRequest, CollectResult, FitJob, FitResult, OutputMoments, OutputMomentsRequest
 from ..worker import Worker, run_fit
 
 log = logging.getLogger(__name__)
@@ -442,6 +442,12 @@ class RayExecutor(Executor):
             lambda shard: self.actors[shard].collect.remote(request, shard, self.num_shards),
             on_result=(lambda r: progress(r.n_images)) if progress else None)
         return merge_shard_results(results)
+
+    def output_moments(self, request: OutputMomentsRequest, progress=None) -> OutputMoments:
+        results = self._call_all(
+            lambda shard: self.actors[shard].output_moments.remote(request, shard, self.num_shards),
+            on_result=(lambda r: progress(r.n_images)) if progress else None)
+        return merge_output_moments(results)
 
     # -- codebooks ----------------------------------------------------------------------------
     def fit(self, jobs: list[FitJob], progress=None) -> dict[str, FitResult]:
