@@ -197,6 +197,7 @@ class QuantizeConfig:
     n_calibration: int = 1024         # calibration images per stage
     batch_size: int = 128
     seed: int = 0
+    permute: bool = False             # permute channels (function-preserving) before quantizing (PQF)
 
     def __post_init__(self):
         if not self.rules:
