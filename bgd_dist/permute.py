@@ -503,19 +503,30 @@ def _bucket_logdets(cons: _Consumer, perm: Tensor) -> Tensor:
 
 
 def _replacement_logdets(cons: _Consumer, perm: Tensor, buckets: Tensor, max_bytes: float = 64e6) -> Tensor:
-    """``R[b, q, j]``: log det of bucket ``buckets[b]`` with its slot ``q`` holding channel ``j``."""
+    """``R[b, q, j]``: log det of bucket ``buckets[b]`` with its slot ``q`` holding channel ``j``
+    (values where ``j`` is already in the bucket are meaningless). By the Schur complement:
+    ``log det A + log det (Σ_jj - Σ_jA A⁻¹ Σ_Aj)`` with ``A`` the bucket without slot ``q``."""
     k, taps, c = cons.k, cons.taps, perm.numel()
-    d = k * taps
-    chunk = max(1, int(max_bytes // (k * c * d * d * 8)))
+    rest = (k - 1) * taps
+    diag = cons.cov.view(c, taps, c, taps).diagonal(dim1=0, dim2=2).permute(2, 0, 1)       # (C, T, T)
+    keep = ~torch.eye(k, dtype=torch.bool)                                                 # slot q -> the others
+    chunk = max(1, int(max_bytes // (rest * c * taps * 8 * 2)))
+    pairs = (buckets.view(-1, 1) * k + torch.arange(k)).reshape(-1)                      # (b, q) as positions
     out = []
-    for part in buckets.split(chunk):
-        base = perm.view(-1, k)[part]                                   # (b, k)
-        chans = base.view(-1, 1, 1, k).expand(-1, k, c, k).clone()      # (b, q, j, slot)
-        slot = torch.arange(k).view(1, k, 1, 1) == torch.arange(k).view(1, 1, 1, k)
-        chans = torch.where(slot, torch.arange(c).view(1, 1, c, 1), chans)
-        idx = _taps_index(chans, taps)
-        out.append(_logdet(cons.cov[idx.unsqueeze(-1), idx.unsqueeze(-2)]))
-    return torch.cat(out)
+    for part in pairs.split(chunk):
+        members = perm.view(-1, k)[part // k]                                             # (P, k)
+        others = members[keep[part % k]].view(-1, k - 1)                                  # (P, k-1)
+        idx = _taps_index(others, taps)                                                   # (P, rest)
+        a = cons.cov[idx.unsqueeze(-1), idx.unsqueeze(-2)]                                # (P, rest, rest)
+        chol, _ = torch.linalg.cholesky_ex(a)
+        logdet_a = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        eye = torch.eye(rest, dtype=chol.dtype).expand_as(chol)
+        inverse = torch.linalg.solve_triangular(chol, eye, upper=False)                  # small: L⁻¹
+        x = torch.bmm(inverse, cons.cov[idx])                                             # (P, rest, C*T)
+        x = x.view(x.shape[0], rest, c, taps)
+        schur = diag.unsqueeze(0) - torch.einsum("prct,prcs->pcts", x, x)                 # (P, C, T, T)
+        out.append(logdet_a.view(-1, 1) + _logdet(schur))
+    return torch.cat(out).view(len(buckets), k, c)
 
 
 def proxy(consumers: list[_Consumer], perm: Tensor) -> float:
@@ -523,16 +534,18 @@ def proxy(consumers: list[_Consumer], perm: Tensor) -> float:
     return float(sum(_bucket_logdets(c, perm).sum() for c in consumers))
 
 
-def _search(consumers: list[_Consumer], channels: int, max_passes: int, tol: float) -> tuple[Tensor, int]:
+def _search(consumers: list[_Consumer], channels: int, max_passes: int, tol: float,
+            min_gain: float = 1e-3) -> tuple[Tensor, int]:
     """Local search by pairwise swaps from the identity. Each pass evaluates every swap exactly
     (for each consumer, the log dets of its buckets with one channel replaced) and applies the
-    improving swaps that touch disjoint buckets of every consumer, best first."""
+    improving swaps that touch disjoint buckets of every consumer, best first; it stops when no
+    swap improves, or a pass gains less than ``min_gain`` of what the passes gained so far."""
     perm = torch.arange(channels)
     pos = torch.arange(channels)
     bucket = [pos // c.k for c in consumers]
     logdets = [_bucket_logdets(c, perm) for c in consumers]
     repl = [_replacement_logdets(c, perm, torch.arange(channels // c.k)) for c in consumers]
-    passes = 0
+    passes, total_gain = 0, 0.0
     for passes in range(1, max_passes + 1):
         delta = torch.zeros(channels, channels, dtype=torch.float64)
         for c, b, ld, r in zip(consumers, bucket, logdets, repl):
@@ -541,29 +554,35 @@ def _search(consumers: list[_Consumer], channels: int, max_passes: int, tol: flo
             dc = a + a.T - ld[b].view(-1, 1) - ld[b].view(1, -1)
             dc[b.view(-1, 1) == b.view(1, -1)] = 0.0             # same bucket: this consumer is unchanged
             delta += dc
-        delta = torch.triu(delta, diagonal=1)
-        n_candidates = min(delta.numel(), 4 * channels)
-        values, flat = torch.topk(-delta.flatten(), n_candidates)
+        delta = torch.triu(delta, diagonal=1).flatten()
+        flat = (delta < -tol).nonzero().view(-1)
+        if flat.numel() > 4 * channels:
+            flat = flat[torch.topk(-delta[flat], 4 * channels).indices]
+        flat = flat[torch.sort(delta[flat], stable=True).indices]
+        buckets_of = [b.tolist() for b in bucket]
         used = [set() for _ in consumers]
         chosen = []
-        for v, f in zip(values.tolist(), flat.tolist()):
-            if v <= tol:
-                break
+        gain = 0.0
+        for f, v in zip(flat.tolist(), delta[flat].tolist()):
             p1, p2 = divmod(f, channels)
-            touched = [(int(b[p1]), int(b[p2])) for b in bucket]
+            touched = [(b[p1], b[p2]) for b in buckets_of]
             if any(x in u or y in u for (x, y), u in zip(touched, used)):
                 continue
             for (x, y), u in zip(touched, used):
                 u.update((x, y))
             chosen.append((p1, p2))
+            gain -= v
         if not chosen:
             break
+        total_gain += gain
         for p1, p2 in chosen:
             perm[p1], perm[p2] = perm[p2].clone(), perm[p1].clone()
         for i, (c, b) in enumerate(zip(consumers, bucket)):
             changed = torch.tensor(sorted({int(b[p]) for pair in chosen for p in pair}))
             logdets[i][changed] = _bucket_logdets(c, perm).index_select(0, changed)
             repl[i][changed] = _replacement_logdets(c, perm, changed)
+        if gain < min_gain * total_gain:   # the passes now gain next to nothing
+            break
     return perm, passes
 
 
