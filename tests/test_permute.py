@@ -275,3 +275,32 @@ def test_ray_and_serial_give_the_same_permuted_run(ray_cluster, one_thread, tmp_
     # the Ray workers' teacher is the permuted one: it agrees with itself, and the students score alike
     assert reports[1]["metrics_before"] == reports[0]["metrics_before"]
     assert reports[1]["metrics_after"]["agreement"] == pytest.approx(reports[0]["metrics_after"]["agreement"], abs=0.07)
+
+
+def test_a_replaced_ray_actor_gets_the_shipped_teacher(ray_cluster, one_thread):
+    import ray
+
+    from bgd_dist.distributed.ray_executor import RayExecutor
+    from bgd_dist.runner import evaluate
+
+    cfg = toy_config()
+    from bgd_dist.adapters import make_adapter
+
+    adapter = make_adapter(cfg.model, cfg.data)
+    state = {k: v.clone() for k, v in adapter.build_model().state_dict().items()}
+    state["fc.weight"] = -state["fc.weight"]   # another function: agreement with the toy labels drops
+    ex = RayExecutor(num_workers=2)
+    try:
+        ex.start(cfg.model, cfg.data)
+        assert evaluate(ex, adapter, "teacher", 32)["agreement"] == 1.0
+        ex.load_teacher(state)
+        shipped = evaluate(ex, adapter, "teacher", 32)["agreement"]
+        assert shipped < 0.5
+        ex.fault_injection = lambda actors: ray.kill(actors[0], no_restart=True)
+        try:
+            assert evaluate(ex, adapter, "teacher", 32)["agreement"] == shipped
+        finally:
+            ex.fault_injection = None
+        assert ex.restarts == 1
+    finally:
+        ex.close()
