@@ -195,6 +195,12 @@ def _channel_tensors(m: nn.Module, channels: int) -> list[str]:
             if v is not None and v.dim() == 1 and v.shape[0] == channels]
 
 
+def _plain_layer(m: nn.Module) -> bool:
+    """A Conv2d, ConvTranspose2d or Linear whose forward is torch's own (a subclass with its own
+    forward, e.g. one that normalises or activates inside, may not be channel-wise)."""
+    return any(isinstance(m, cls) and type(m).forward is cls.forward for cls in PRODUCERS)
+
+
 def _groups_of(m: nn.Module) -> int:
     return getattr(m, "groups", 1)
 
@@ -270,6 +276,8 @@ def _walk(t: _Tracer, start: int, axis: int, channels: int):
                 if call.n_inputs != 1:
                     return f"{call.name} ({type(m).__name__}) reads it with other tensors"
                 if isinstance(m, PRODUCERS):
+                    if not _plain_layer(m):
+                        return f"it feeds {call.name} ({type(m).__name__}), a layer with its own forward"
                     if _groups_of(m) != 1:
                         return f"it feeds the grouped convolution {call.name}"
                     if in_channels(m) != channels:
@@ -330,6 +338,9 @@ def find_groups(model: nn.Module, run: Callable[[nn.Module], Any]) -> tuple[list
         if not isinstance(m, PRODUCERS) or c.name in results:
             continue
         order.append(c.name)
+        if not _plain_layer(m):
+            results[c.name] = f"{type(m).__name__} has its own forward"
+            continue
         if _groups_of(m) != 1:
             results[c.name] = "it is a grouped convolution"
             continue
