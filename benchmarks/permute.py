@@ -102,7 +102,6 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t = time.perf_counter()
     out = {m: benchmark(m, args.set) for m in (["digits", "shapes"] if args.model == "both" else [args.model])}
     print(f"total {time.perf_counter() - t:.0f} s")

@@ -30,7 +30,6 @@ Torch only; the driver step lives in :mod:`bgd_dist.runner`.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable

@@ -1,7 +1,6 @@
 """Function-preserving channel permutations (quantize.permute): discovery, exactness, the proxy,
 the runner step (Ray == serial, resume)."""
 
-import copy
 import json
 
 import pytest
@@ -12,7 +11,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from bgd_dist.core.kmeans import fit_codebook
 from bgd_dist.core.layouts import geometry_of
-from bgd_dist.permute import (apply_permutation, channels_per_subvector, choose_permutation, find_groups)
+from bgd_dist.permute import apply_permutation, channels_per_subvector, choose_permutation, find_groups
 from bgd_dist.runner import run
 
 from toy import BASE, toy_config
@@ -180,8 +179,7 @@ def test_shapes_mask_rcnn_groups_keep_every_part_of_the_function():
     from detection.models import build_maskrcnn
     from detection.testing import TINY_KWARGS
 
-    kwargs = {k: v for k, v in TINY_KWARGS.items()}
-    model = build_maskrcnn("maskrcnn_small", **kwargs).eval()
+    model = build_maskrcnn("maskrcnn_small", **TINY_KWARGS).eval()
     roi = model.roi_heads
     roi.score_thresh, roi.detections_per_img = -1.0, 8
     x = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))]
@@ -280,12 +278,11 @@ def test_ray_and_serial_give_the_same_permuted_run(ray_cluster, one_thread, tmp_
 def test_a_replaced_ray_actor_gets_the_shipped_teacher(ray_cluster, one_thread):
     import ray
 
+    from bgd_dist.adapters import make_adapter
     from bgd_dist.distributed.ray_executor import RayExecutor
     from bgd_dist.runner import evaluate
 
     cfg = toy_config()
-    from bgd_dist.adapters import make_adapter
-
     adapter = make_adapter(cfg.model, cfg.data)
     state = {k: v.clone() for k, v in adapter.build_model().state_dict().items()}
     state["fc.weight"] = -state["fc.weight"]   # another function: agreement with the toy labels drops
