@@ -5,7 +5,9 @@ subvectors spanning several input channels: the permutation a run would choose (
 the calibration images' full input statistics ``H``), then each such consumer fitted with the
 plan's (d, K) on the identity and on the permuted weight (``paper`` and ``hessian`` objectives,
 ``H`` permuted alike), scored by the relative layer-output error on held-out inputs
-(``Σ||Wx - Ŵx||² / Σ||Wx||²``). Layers are fitted independently on the teacher's inputs.
+(``Σ||Wx - Ŵx||² / Σ||Wx||²``); and the ``weights`` objective with its own permutation (no
+input scales), scored by the k-means' relative weight error. Layers are fitted independently on
+the teacher's inputs.
 
     python -m benchmarks.permute                                  # digits and shapes, pipeline rules
     python -m benchmarks.permute --model shapes --set quantize.rules.4.block_size=18
@@ -63,6 +65,7 @@ def benchmark(which: str, overrides: list[str]) -> list[dict]:
         scales = [channel_scale(fit_stats[n].metric(), plan.layer(n).geometry) for n, _ in sens]
         choice = choose_permutation(weights, scales)
         perm = torch.tensor(choice.perm)
+        plain = choose_permutation(weights, [None] * len(sens))   # the weights objective's permutation
         for name, _ in sens:
             l = plan.layer(name)
             w = get_submodule(teacher, name).weight.detach()
@@ -81,17 +84,24 @@ def benchmark(which: str, overrides: list[str]) -> list[dict]:
                                         q.seed + l.order, objective, FitSettings.of(q))).codebook
                     decoded = cb.decode(l.geometry, name).half().float()
                     row[f"{objective}_{label}"] = relative_output_error(weight, decoded, l.geometry, h_held)
+            for label, weight in (("identity", w), ("permuted", permute_input(w, torch.tensor(plain.perm),
+                                                                              l.geometry.kind))):
+                cb = run_fit(FitJob(name, weight, l.geometry, None, l.n_centroids, l.block_size, q.seed + l.order,
+                                    "weights", FitSettings.of(q))).codebook
+                row[f"weights_{label}"] = cb.objective[-1]   # relative weight error of the k-means
             rows.append(row)
             print(f"  {name:45s} C={group.channels:4d} d={l.block_size:2d} K={l.n_centroids:4d} proxy "
                   f"{choice.proxy_before:10.1f} -> {choice.proxy_after:10.1f} ({choice.seconds:.2f} s) | paper "
                   f"{row['paper_identity']:.4f} -> {row['paper_permuted']:.4f} | hessian {row['hessian_identity']:.4f}"
-                  f" -> {row['hessian_permuted']:.4f}", flush=True)
-    for objective in ("paper", "hessian"):
+                  f" -> {row['hessian_permuted']:.4f} | weights {row['weights_identity']:.4f} -> "
+                  f"{row['weights_permuted']:.4f} (proxy {plain.proxy_before:.1f} -> {plain.proxy_after:.1f})",
+                  flush=True)
+    for objective in ("weights", "paper", "hessian"):
         if rows:
             a = sum(r[f"{objective}_identity"] for r in rows) / len(rows)
             b = sum(r[f"{objective}_permuted"] for r in rows) / len(rows)
             lower = sum(r[f"{objective}_permuted"] < r[f"{objective}_identity"] for r in rows)
-            print(f"  {objective}: mean relative output error {a:.4f} -> {b:.4f} ({100 * (b - a) / a:+.1f}%), "
+            print(f"  {objective}: mean relative error {a:.4f} -> {b:.4f} ({100 * (b - a) / a:+.1f}%), "
                   f"lower on {lower}/{len(rows)} layers", flush=True)
     return rows
 
