@@ -209,6 +209,7 @@ class QuantizeConfig:
     # the calibration images (into the layer's bias, or the beta of the BatchNorm that reads it)
     bias_correction: bool = False
     holdout: float = 0.0              # share of the calibration images kept out of the fit (objective_holdout)
+    permute: bool = False             # permute channels (function-preserving) before quantizing (PQF)
 
     @property
     def n_holdout(self) -> int:

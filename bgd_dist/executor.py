@@ -32,6 +32,12 @@ class Executor:
         """Make every worker's student equal to ``payload``; returns the bytes shipped."""
         raise NotImplementedError
 
+    def load_teacher(self, state: dict) -> int:
+        """Make every worker's teacher the state dict ``state`` (same architecture; the driver's
+        teacher after a function-preserving change such as a channel permutation); returns the
+        bytes shipped. Workers started later (replacements) get it too."""
+        raise NotImplementedError
+
     def collect(self, request: CollectRequest, progress: Callable[[int], None] | None = None) -> CollectResult:
         """The requested statistics over the calibration shards, merged in shard order
         (``progress(n_images)`` after each shard)."""
@@ -113,6 +119,10 @@ class SerialExecutor(Executor):
 
     def load_student(self, payload: dict) -> int:
         self.worker.load_student(payload)
+        return 0
+
+    def load_teacher(self, state: dict) -> int:
+        self.worker.load_teacher(state)
         return 0
 
     def collect(self, request, progress=None) -> CollectResult:

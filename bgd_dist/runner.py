@@ -304,6 +304,77 @@ def allocate(r: Run) -> None:
     r.manifest.record_plan(r.plan_path)
 
 
+def permute_channels(r: Run) -> None:
+    """``quantize.permute``: permute the teacher's channels where that keeps its function (PQF),
+    each group by the permutation that lowers its quantized consumers' proxy
+    (:mod:`bgd_dist.permute`), recorded in ``permutations.json``. The student is copied from the
+    permuted teacher and the workers' teachers are replaced by it, so teacher and student stay
+    channel-aligned. On resume (the plan read back) the file is read back."""
+    from . import permute as P
+
+    if not r.cfg.quantize.permute:
+        return
+    path = r.out / "permutations.json"
+    with r.timers("permute"):
+        record = pairs = None
+        if r.planned and path.exists():
+            try:
+                record = json.loads(path.read_text())
+                pairs = P.check_record(r.teacher, record, str(path))
+            except (ValueError, KeyError, TypeError) as e:   # JSONDecodeError is a ValueError
+                log.warning("%s; choosing the permutations again", e)
+                r.log.write("permutations_recomputed", reason=str(e))
+                record = None
+        if record is None:
+            record = choose_permutations(r)
+            atomic_write_text(path, json.dumps(record, indent=1))
+            pairs = P.check_record(r.teacher, record, str(path))
+        for group, perm in pairs:
+            P.apply_permutation(r.teacher, group, torch.tensor(perm))
+        r.student = copy.deepcopy(r.teacher)
+        shipped = r.executor.load_teacher({k: v.detach().cpu() for k, v in r.teacher.state_dict().items()})
+    groups = record["groups"]
+    before, after = sum(g["proxy_before"] for g in groups), sum(g["proxy_after"] for g in groups)
+    for g in groups:
+        r.log.write("permutation", producers=g["producers"], consumers=g["consumers"],
+                    quantized_consumers=g["quantized_consumers"], channels=g["channels"],
+                    identity=P.is_identity(g["perm"]), proxy_before=g["proxy_before"], proxy_after=g["proxy_after"],
+                    seconds=g["seconds"])
+    r.report["permutations"] = {"file": path.name, "groups": len(groups),
+                                "permuted": sum(not P.is_identity(g["perm"]) for g in groups),
+                                "proxy_before": before, "proxy_after": after, "teacher_bytes_shipped": shipped}
+    log.info("channel permutations: %d groups (%d permuted), proxy %.2f -> %.2f; %s", len(groups),
+             r.report["permutations"]["permuted"], before, after, path)
+
+
+def choose_permutations(r: Run) -> dict:
+    """The ``permutations.json`` record of the teacher: its permutable groups under the plan and,
+    for each, the permutation chosen with the calibration images' input scales of its consumers
+    (none for the ``weights`` objective)."""
+    from . import permute as P
+
+    q = r.cfg.quantize
+    kept, left = P.plan_groups(r.teacher, r.plan, r.adapter.trace)
+    aware = list(dict.fromkeys(n for _, sens in kept for n, _ in sens if r.plan.layer(n).objective != "weights"))
+    scales = {}
+    if aware:
+        r.ship_student()   # still the teacher's copy
+        requests = tuple(LayerRequest(n, r.plan.layer(n).geometry, 1, "input_moments") for n in aware)
+        stats = r.executor.collect(CollectRequest(requests, q.n_calibration, q.batch_size, r.seeds.permute())).stats
+        for name, moments in stats.items():
+            moments.check()
+            scales[name] = (moments.squares / moments.count).sqrt()
+    modules = dict(r.teacher.named_modules())
+    groups = []
+    for group, sens in kept:
+        weights = [(modules[n].weight, r.plan.layer(n).geometry.kind, k) for n, k in sens]
+        choice = P.choose_permutation(weights, [scales.get(n) for n, _ in sens])
+        groups.append({**group.to_dict(), "quantized_consumers": [n for n, _ in sens], "perm": choice.perm,
+                       "proxy_before": choice.proxy_before, "proxy_after": choice.proxy_after,
+                       "passes": choice.passes, "seconds": choice.seconds})
+    return {"version": P.PERMUTATIONS_VERSION, "groups": groups, "left_alone": left}
+
+
 def evaluate(executor: Executor, adapter, which: str, max_images: int | None,
              results_path: str | Path | None = None, progress: bool = False) -> dict:
     """Evaluate the workers' teacher or student on every shard, merge, score once; the
@@ -696,6 +767,7 @@ def _run(cfg, out_dir, executor, resume, do_eval, fail_after_stage, progress, ad
         else:
             r.executor.start(cfg.model, cfg.data)
         allocate(r)
+        permute_channels(r)
         inspect_batchnorm(r)
         if do_eval:
             r.metrics_before = evaluate_model(r, "teacher")

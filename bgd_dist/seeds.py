@@ -46,6 +46,10 @@ class Seeds:
         """The calibration images on which folded BatchNorm layers are re-estimated."""
         return self.base * 1000 + 888
 
+    def permute(self) -> int:
+        """The calibration images that scale the channel permutations (``quantize.permute``)."""
+        return self.base * 1000 + 555
+
     def fit(self, layer) -> int:
         """The k-means initialisation of a layer (a plan entry)."""
         return self.base + layer.order

@@ -70,6 +70,10 @@ class Worker:
     def ping(self) -> bool:
         return True
 
+    def load_teacher(self, state: dict) -> None:
+        """Load ``state`` into the teacher (the driver's teacher after a function-preserving change)."""
+        self.teacher.load_state_dict(state, strict=True)
+
     # -- student ------------------------------------------------------------------------------
     def load_student(self, payload: dict) -> None:
         self.student = load_student(self.teacher, payload).to(self.device).eval()

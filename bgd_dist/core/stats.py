@@ -323,7 +323,7 @@ class ChannelMoments:
         if other.sums.shape != self.sums.shape:
             raise ValueError(f"layer {self.layer!r}: cannot merge moments of {other.sums.numel()} and "
                              f"{self.sums.numel()} channels")
-        return ChannelMoments(None, self.block_size, self.sums + other.sums.to(self.sums.device),
+        return type(self)(self.geometry, self.block_size, self.sums + other.sums.to(self.sums.device),
                               self.squares + other.squares.to(self.sums.device), self.count + other.count,
                               self.layer)
 
@@ -344,3 +344,27 @@ class ChannelMoments:
     @property
     def nbytes(self) -> int:
         return 2 * self.sums.numel() * self.sums.element_size()
+
+
+@register_stats
+@dataclass
+class InputMoments(ChannelMoments):
+    """:class:`ChannelMoments` of a quantizable layer's input channels: axis 1 of a convolution's
+    input, the last axis of a linear layer's (the scales of channel permutations)."""
+
+    name: ClassVar[str] = "input_moments"
+
+    @classmethod
+    def empty(cls, geometry: LayerGeometry | None = None, block_size: int = 1, layer: str = "<layer>",
+              device: torch.device | str | None = None, **_) -> "InputMoments":
+        zeros = torch.zeros(0, dtype=torch.float64, device=device)
+        return cls(geometry, block_size, zeros, zeros.clone(), 0, layer)
+
+    def update(self, x: Tensor) -> None:
+        if self.geometry is not None and self.geometry.kind == "linear":
+            x = x.reshape(-1, x.shape[-1])
+        super().update(x)
+
+    def state(self) -> dict:
+        return {**super().state(), "type": self.name,
+                "geometry": self.geometry.to_dict() if self.geometry is not None else None}

@@ -234,6 +234,7 @@ class RayExecutor(Executor):
         self.actors: list = []
         self._started_ray = False
         self._payload_ref = None
+        self._teacher_ref = None   # the driver's teacher state, when it was shipped (load_teacher)
         self._group_ready = False
         self.restarts = 0
         self.fault_injection: Callable[[list], None] | None = None  # tests: called before the calls are submitted
@@ -263,6 +264,7 @@ class RayExecutor(Executor):
         for a in self.actors:  # a restart of the same executor
             ray.kill(a)
         self._group_ready = False
+        self._teacher_ref = None
         self.actors = []
         wait_s = self._check_resources()
         self.actors = [self._new_actor(wait=False) for _ in range(self.num_shards)]
@@ -397,6 +399,8 @@ class RayExecutor(Executor):
         except Exception:
             pass
         self.actors[i] = self._new_actor()
+        if self._teacher_ref is not None:
+            ray.get(self.actors[i].load_teacher.remote(self._teacher_ref))
         if self._payload_ref is not None:
             ray.get(self.actors[i].load_student.remote(self._payload_ref))
         self._group_ready = False
@@ -406,6 +410,11 @@ class RayExecutor(Executor):
         self._payload_ref = ray.put(payload)  # once per stage; every actor reads the same object
         self._call_all(lambda i: self.actors[i].load_student.remote(self._payload_ref))
         return payload_nbytes(payload)
+
+    def load_teacher(self, state: dict) -> int:
+        self._teacher_ref = ray.put(state)
+        self._call_all(lambda i: self.actors[i].load_teacher.remote(self._teacher_ref))
+        return sum(t.numel() * t.element_size() for t in state.values())
 
     def _call_all(self, submit: Callable[[int], object], on_result: Callable[[object], None] | None = None) -> list:
         """``submit(i)`` for every actor ``i`` (actor ``i`` owns shard ``i``), replacing a dead actor
