@@ -74,44 +74,19 @@ def _is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm) or is_frozen_batchnorm(module)
 
 
-@torch.no_grad()
 def batchnorms_after(model: nn.Module, run_example: Callable[[nn.Module], Any]) -> dict[str, str]:
-    """``{layer: batchnorm}`` for every BatchNorm whose input is exactly the output of another module
-    of ``model`` in ``run_example(model)`` (eval mode): a conv and the BN right after it."""
-    produced: dict[int, str] = {}
-    keep: list = []   # the outputs stay alive during the pass, so their ids stay unique
-    found: dict[str, str] = {}
+    """``{layer: batchnorm}`` for every leaf module whose output tensor is exactly the input of a
+    BatchNorm in ``run_example(model)`` (eval mode): a conv and the BN right after it
+    (:func:`bgd_dist.batchnorm.batchnorm_consumers` over every leaf module)."""
+    from .batchnorm import batchnorm_consumers
 
-    def record(name):
-        def hook(module, args, out):
-            if isinstance(out, torch.Tensor):
-                produced[id(out)] = name
-                keep.append(out)
-        return hook
-
-    def follow(name):
-        def hook(module, args):
-            if args and isinstance(args[0], torch.Tensor) and id(args[0]) in produced:
-                found.setdefault(produced[id(args[0])], name)
-        return hook
-
-    handles = []
-    for name, m in model.named_modules():
-        if not name:
-            continue
-        if _is_batchnorm(m):
-            handles.append(m.register_forward_pre_hook(follow(name)))
-        elif not any(True for _ in m.children()):
-            handles.append(m.register_forward_hook(record(name)))
+    leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
     was_training = model.training
     try:
         model.eval()
-        run_example(model)
+        return batchnorm_consumers(model, run_example, leaves)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    return found
 
 
 def _has_bias(module: nn.Module) -> bool:
