@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.distill_step
 	$(PY) -m benchmarks.teacher_cache
 	$(PY) -m benchmarks.collect_throughput
+	$(PY) -m benchmarks.permute
 
 # detectron2 is not on PyPI: build it from source into .venv. D2_SRC is a source directory, a
 # .tar.gz of one, or anything pip installs (default: the official git repository).
