@@ -236,6 +236,9 @@ class Stage:
     params: tuple[str, ...] = ()                      # other parameters its distillation trained (stage file)
     throughput: list = field(default_factory=list)   # the CollectResult of each calibration pass
     stats_file_bytes: int = 0
+    holdout: dict = field(default_factory=dict)       # name -> statistics of the held-out images (quantize.holdout)
+    extras: dict = field(default_factory=dict)        # name -> more fields of its ``layer`` record (rank, held-out)
+    corrected: dict = field(default_factory=dict)     # name -> what bias correction did (quantize.bias_correction)
 
     @property
     def images_per_s(self) -> float:
@@ -248,9 +251,6 @@ class Stage:
         """The share of the workers' collection time spent waiting for images (reading, decoding)."""
         total = sum(part.seconds for part in self.throughput)
         return sum(part.data_seconds for part in self.throughput) / total if total > 0 else 0.0
-    holdout: dict = field(default_factory=dict)       # name -> statistics of the held-out images (quantize.holdout)
-    extras: dict = field(default_factory=dict)        # name -> more fields of its ``layer`` record (rank, held-out)
-    corrected: dict = field(default_factory=dict)     # name -> what bias correction did (quantize.bias_correction)
 
     @property
     def names(self) -> list[str]:
