@@ -125,21 +125,20 @@ class SerialExecutor(Executor):
         self.worker.load_teacher(state)
         return 0
 
-    def collect(self, request, progress=None) -> CollectResult:
+    def _per_shard(self, call: Callable, progress: Callable[[int], None] | None) -> list:
+        """``call(shard, n_shards)`` for every shard in order; ``progress`` gets each result's images."""
         results = []
         for shard in range(self.num_shards):
-            results.append(self.worker.collect(request, shard, self.num_shards))
+            results.append(call(shard, self.num_shards))
             if progress:
                 progress(results[-1].n_images)
-        return merge_shard_results(results)
+        return results
+
+    def collect(self, request, progress=None) -> CollectResult:
+        return merge_shard_results(self._per_shard(lambda s, n: self.worker.collect(request, s, n), progress))
 
     def output_moments(self, request, progress=None) -> OutputMoments:
-        results = []
-        for shard in range(self.num_shards):
-            results.append(self.worker.output_moments(request, shard, self.num_shards))
-            if progress:
-                progress(results[-1].n_images)
-        return merge_output_moments(results)
+        return merge_output_moments(self._per_shard(lambda s, n: self.worker.output_moments(request, s, n), progress))
 
     def fit(self, jobs, progress=None) -> dict[str, FitResult]:
         out = {}

@@ -1,32 +1,20 @@
 """Distillation in checkpointed pieces: exactly the steps of one uninterrupted phase."""
 
-import copy
 import json
 
 import pytest
 import torch
 
-from bgd_dist.core.kmeans import fit_codebook
-from bgd_dist.executor import SerialExecutor
 from bgd_dist.finetune import PhaseSpec, PhaseState
-from bgd_dist.nn.modules import get_submodule, quantize_
 from bgd_dist.phases import checkpoint_path, load_checkpoint, run_phase, save_checkpoint, start_digest
 from bgd_dist.student import student_state
 
-from toy import toy_setup
+from toy import quantized_toy
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg, adapter, teacher, plan = toy_setup()
-    student = copy.deepcopy(teacher)
-    codebooks = {}
-    for l in plan.quantized:
-        w = get_submodule(student, l.name).weight.detach()
-        codebooks[l.name] = fit_codebook(w, l.geometry, None, l.n_centroids, l.block_size, 4)
-    quantize_(student, plan, codebooks)
-    executor = SerialExecutor(num_shards=1)
-    executor.start(cfg.model, cfg.data)
+    cfg, _, _, plan, student, executor = quantized_toy()
     return cfg, plan, student, executor
 
 

@@ -1,21 +1,18 @@
 """Fine-tuning options, all off by default: BN affine parameters and biases that train, the
 supervised loss of the classification adapters, teacher outputs reused across layer-wise phases."""
 
-import copy
 
 import pytest
 import torch
 
 from bgd_dist import load_compressed
-from bgd_dist.core.kmeans import fit_codebook
 from bgd_dist.executor import SerialExecutor
 from bgd_dist.finetune import PhaseSpec, TeacherCache, batchnorms_after, trainable_parameters
-from bgd_dist.nn.modules import get_submodule, quantize_
 from bgd_dist.phases import load_checkpoint, save_checkpoint
 from bgd_dist.runner import InjectedFailure, run
 from bgd_dist.student import student_state
 
-from toy import toy_config, toy_setup
+from toy import quantized_toy, toy_config, toy_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,16 +21,7 @@ EXTRAS = {"train_bn": True, "train_bias": True}
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg, adapter, teacher, plan = toy_setup()
-    student = copy.deepcopy(teacher)
-    codebooks = {}
-    for l in plan.quantized:
-        w = get_submodule(student, l.name).weight.detach()
-        codebooks[l.name] = fit_codebook(w, l.geometry, None, l.n_centroids, l.block_size, 4)
-    quantize_(student, plan, codebooks)
-    executor = SerialExecutor(num_shards=1)
-    executor.start(cfg.model, cfg.data)
-    return cfg, adapter, teacher, plan, student, executor
+    return quantized_toy()
 
 
 def _model_state(path):

@@ -44,3 +44,24 @@ def toy_setup(**sections):
     adapter = make_adapter(cfg.model, cfg.data)
     teacher = adapter.build_model()
     return cfg, adapter, teacher, plan_for(cfg, teacher, adapter)
+
+
+def quantized_toy(**sections):
+    """``(cfg, adapter, teacher, plan, student, executor)``: :func:`toy_setup` with every planned layer
+    of a copy of the teacher quantized by a short weights-only k-means, and a started one-shard
+    serial executor."""
+    from bgd_dist.core.kmeans import fit_codebook
+    from bgd_dist.executor import SerialExecutor
+    from bgd_dist.nn.modules import get_submodule, quantize_
+
+    cfg, adapter, teacher, plan = toy_setup(**sections)
+    student = copy.deepcopy(teacher)
+    codebooks = {}
+    for l in plan.quantized:
+        w = get_submodule(student, l.name).weight.detach()
+        codebooks[l.name] = fit_codebook(w, l.geometry, None, l.n_centroids, l.block_size, 4)
+    quantize_(student, plan, codebooks)
+    executor = SerialExecutor(num_shards=1)
+    executor.start(cfg.model, cfg.data)
+    return cfg, adapter, teacher, plan, student, executor
+
