@@ -1,10 +1,10 @@
 """Fine-tuning that does not destroy the student: learning rates scaled to the batch size."""
 
 import glob
-
-import torch
+import importlib.util
 
 import pytest
+import torch
 
 from bgd_dist.config import ConfigError, load_pipeline
 from bgd_dist.finetune import global_spec, layerwise_spec
@@ -12,6 +12,8 @@ from bgd_dist.finetune import global_spec, layerwise_spec
 
 @pytest.mark.parametrize("path", sorted(glob.glob("pipelines/*.yaml")))
 def test_every_pipeline_gets_its_own_learning_rates_at_its_reference_batch(path):
+    if "detectron2" in path and importlib.util.find_spec("detectron2") is None:
+        pytest.skip("detectron2 is not installed (its adapter checks the pipeline's model section)")
     cfg = load_pipeline(path)
     for phase in (cfg.finetune.layerwise, cfg.finetune.global_):
         assert phase.lr_reference_batch == phase.batch_size
