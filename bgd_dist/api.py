@@ -258,15 +258,21 @@ class ModuleAdapter(AdapterBase):
 
     # -- data -----------------------------------------------------------------------------------
     def calibration_batches(self, shard: int, n_shards: int, n_images: int, batch_size: int,
-                            seed: int) -> Iterator:
-        seen = 0
-        for position, batch in enumerate(self.source.cycled(batch_size)):
-            if seen >= n_images:
+                            seed: int, start: int = 0) -> Iterator:
+        """The images at positions ``start .. start + n_images - 1`` of the cycled data, batch by
+        batch; the ``k``-th batch of that window goes to shard ``k % n_shards``."""
+        first, end, k = 0, start + n_images, 0
+        for batch in self.source.cycled(batch_size):
+            if first >= end:
                 return
-            n = min(batch_len(batch), n_images - seen)
-            seen += n
-            if position % n_shards == shard:
-                yield _truncate(batch, n)
+            n = batch_len(batch)
+            lo, hi = max(start, first) - first, min(end, first + n) - first
+            first += n
+            if hi <= lo:
+                continue
+            if k % n_shards == shard:
+                yield _map_tensors(lambda t: t[lo:hi], batch) if (lo, hi) != (0, n) else batch
+            k += 1
 
     def train_batches(self, shard: int, n_shards: int, batch_size: int, seed: int,
                       start_step: int = 0) -> Iterator:
@@ -360,7 +366,7 @@ def compress(model: nn.Module, data, out: str | Path, *, rules: str | list = "pa
              loss: Callable | None = None, eval_data=None, max_eval: int | None = None,
              executor: str | Any = "serial", num_workers: int = 1, address: str | None = None,
              arch: dict | None = None, seed: int = 0, resume: bool = False, progress: bool = True,
-             name: str = "model") -> tuple[nn.Module, dict]:
+             name: str = "model", quantize: dict | None = None) -> tuple[nn.Module, dict]:
     """Compress ``model`` with the calibration inputs ``data``; returns ``(compressed model, report)``.
 
     - ``rules``: a preset (``"paper-small"``: 3x3 d=9, 1x1 d=4, linear d=4; ``"paper-large"``:
@@ -368,6 +374,9 @@ def compress(model: nn.Module, data, out: str | Path, *, rules: str | list = "pa
       ``target_mb`` chooses (d, K) per layer under a size budget instead (among the layers the
       rules quantize).
     - ``objective``: ``paper`` (pooled Gram), ``weights`` (classic PQ) or ``hessian``.
+    - ``quantize``: more keys of the pipeline's ``quantize`` section, as in the YAML (e.g.
+      ``{"bias_correction": True, "permute": True, "holdout": 0.1, "hessian": {"target": "teacher"}}``);
+      they override the arguments above, and an unknown key is an error naming it.
     - ``distill``: False, True (layer-wise and global distillation with the pipelines' defaults
       shortened to 100 iterations each), or a dict with the ``finetune`` section's keys
       (``{"layerwise": {...}, "global": {...}}``). ``loss(student_out, teacher_out)``: the
@@ -407,7 +416,7 @@ def compress(model: nn.Module, data, out: str | Path, *, rules: str | list = "pa
         "model": {"adapter": "bgd_dist.api:ModuleAdapter", "arch": type(model).__qualname__},
         "quantize": {"rules": [to_mapping(r) for r in rule_list], "n_centroids": n_centroids, "n_iter": n_iter,
                      "objective": objective, "target_mb": target_mb, "n_calibration": n_calibration,
-                     "batch_size": batch_size, "seed": seed},
+                     "batch_size": batch_size, "seed": seed, **(quantize or {})},
         "finetune": phases,
         "executor": {"kind": kind, "num_workers": num_workers, "address": address},
         "eval": {"max_images": max_eval},

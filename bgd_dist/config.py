@@ -148,6 +148,13 @@ class HessianConfig:
     rounds: int = 4                   # error-feedback assignment + exact codebook update, alternated
     cg_steps: int = 20                # conjugate-gradient steps per exact codebook update
     max_mb: float = 256.0             # a layer whose L x L float64 H is larger uses the pooled Gram (logged)
+    # what the fit reproduces on the student's inputs x̃ (earlier stages quantized): the layer's own outputs
+    # W x̃ (weights, GPTQ's and the paper's target) or the teacher's outputs W x on the teacher's inputs
+    # (teacher: also collects Σ x̃ xᵀ, corrects what the earlier stages got wrong; TeacherTargetStats)
+    target: str = "weights"
+    # teacher target: a layer whose relative input error Σ||x - x̃||² / Σ||x||² exceeds this keeps the
+    # weights target (its rows are too far from the teacher's to be worth chasing; logged)
+    max_input_error: float = 0.5
 
     def __post_init__(self):
         if isinstance(self.damp, str):
@@ -160,6 +167,10 @@ class HessianConfig:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if not self.max_mb > 0:
             raise ValueError(f"max_mb: must be > 0, got {self.max_mb}")
+        if self.target not in ("weights", "teacher"):
+            raise ValueError(f"target: unknown value {self.target!r}; expected weights or teacher")
+        if not self.max_input_error >= 0:
+            raise ValueError(f"max_input_error: must be >= 0, got {self.max_input_error}")
 
 
 @dataclass(frozen=True)

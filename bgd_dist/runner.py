@@ -32,14 +32,14 @@ from torch import nn
 from .adapters import check_architecture, make_adapter, plan_for
 from .config import PipelineConfig, require_all
 from .core.sizing import MB, size_report
-from .core.stats import HessianStats, memory_groups
+from .core.stats import STATS_TYPES, memory_groups
 from .executor import Executor, SerialExecutor
 from .finetune import (Diverged, PhaseSpec, PhaseState, batchnorms_after, check_divergence, global_spec,
                        layerwise_spec, trainable_parameters)
 from .io import atomic_write_text
 from .messages import CollectRequest, FitJob, FitResult, FitSettings, LayerRequest, OutputMomentsRequest
 from .nn.modules import get_submodule, pq_layers, quantize_
-from .objectives import Objective, relative_objective, resolve
+from .objectives import Objective, layer_damp, relative_objective, resolve
 from .phases import checkpoint_path, run_phase
 from .plots import LossPlot
 from .progress import bar as progress_bar
@@ -84,8 +84,8 @@ class Timers:
 def collect_groups(layers: list[LayerRequest], max_bytes: float) -> list[list[LayerRequest]]:
     """Split a stage's statistics requests into calibration passes so that the Hessians of one
     pass stay within ``max_bytes`` (the small statistics go with the pass they come in)."""
-    return memory_groups(layers, lambda l: HessianStats.bytes_for(l.geometry) if l.stats == "hessian" else 0,
-                         max_bytes)
+    return memory_groups(layers, lambda l: STATS_TYPES[l.stats].bytes_for(l.geometry)
+                         if hasattr(STATS_TYPES[l.stats], "bytes_for") else 0, max_bytes)
 
 
 # -- the run and its stages ------------------------------------------------------------------------
@@ -444,7 +444,8 @@ def collect(r: Run, st: Stage) -> None:
                 log.warning("%s %s: %s; using the %s for this layer", st.label, l.name, why,
                             "pooled Gram (paper objective)" if fallback == "paper" else f"{fallback} objective")
                 r.log.write(f"{l.objective}_fallback", stage=st.index, layer=l.name, reason=why)
-        requests = [LayerRequest(l.name, l.geometry, l.block_size, st.objectives[l.name].stats) for l in st.layers]
+        requests = [LayerRequest(l.name, l.geometry, l.block_size, stats_kind(st.objectives[l.name], q.hessian))
+                    for l in st.layers]
         if not any(o.needs_calibration for o in st.objectives.values()):
             return
         passes = collect_groups(requests, q.hessian.max_mb * MB)
@@ -482,6 +483,7 @@ def fit(r: Run, st: Stage) -> None:
                 st.stats[l.name].check()
                 metric = st.stats[l.name].metric()
             weight = get_submodule(r.student, l.name).weight.detach().cpu()
+            weight = teacher_target(r, st, l, weight)
             jobs.append(FitJob(l.name, weight, l.geometry, metric, l.n_centroids, l.block_size,
                                seed=r.seeds.fit(l), objective=st.objectives[l.name].name, settings=settings))
         with progress_bar(len(jobs), f"fit {st.index}", "layer", r.progress, leave=False) as bar:
@@ -490,21 +492,59 @@ def fit(r: Run, st: Stage) -> None:
             st.extras[job.name] = layer_diagnostics(r, st, job)
 
 
+def stats_kind(obj, hessian_cfg) -> str:
+    """The statistics a layer fitted under ``obj`` collects: the objective's own, or for the
+    ``hessian`` objective with ``hessian.target: teacher`` the teacher-paired ones."""
+    return "hessian_teacher" if obj.stats == "hessian" and hessian_cfg.target == "teacher" else obj.stats
+
+
+def teacher_target(r: Run, st: Stage, l, weight):
+    """The weight the layer's fit reproduces: ``weight`` itself, or with ``hessian.target:
+    teacher`` the target ``W*`` of :class:`~bgd_dist.core.stats.TeacherTargetStats` (the fit
+    then reproduces the teacher's outputs from the student's inputs). A layer whose inputs
+    could not be paired with the teacher's, or whose relative input error exceeds
+    ``hessian.max_input_error``, keeps ``weight`` (logged)."""
+    from .core.layouts import weight_from_matrix, weight_matrix
+
+    stats = st.stats.get(l.name)
+    if not getattr(stats, "needs_teacher", False):
+        return weight
+    h = r.cfg.quantize.hessian
+    err = stats.input_error
+    extra = st.extras.setdefault(l.name, {})
+    extra["input_error"] = err
+    why = None
+    if err is None:
+        why = "its inputs do not pair with the teacher's (different calls or shapes)"
+    elif err > h.max_input_error:
+        why = f"its relative input error {err:.3f} exceeds quantize.hessian.max_input_error = {h.max_input_error:g}"
+    if why is not None:
+        log.warning("%s %s: fitted to its own weights, not the teacher's outputs: %s", st.label, l.name, why)
+        extra["target"] = "weights"
+        return weight
+    damp = layer_damp(h.damp, stats.metric())
+    target = stats.target_weight(weight_matrix(weight, l.geometry), damp)
+    extra["target"] = "teacher"
+    extra["target_shift"] = float((target - weight_matrix(weight, l.geometry).double()).pow(2).sum()
+                                  / weight.double().pow(2).sum().clamp_min(1e-300))
+    return weight_from_matrix(target.to(weight.dtype), l.geometry)
+
+
 def layer_diagnostics(r: Run, st: Stage, job: FitJob) -> dict:
     """More fields of a layer's ``layer`` record: the effective rank of its Gram / Hessian
     (``rank`` of ``dim``; warned when deficient), the damping ``hessian.damp: auto`` chose, and
     the fitted codebook's relative objective on the held-out images (``objective_holdout``)."""
     from .core.hessian import RANK_RTOL, auto_damp, effective_rank
 
-    out = {}
+    out = dict(st.extras.get(job.name, {}))
     stats = st.stats.get(job.name)
     kind = getattr(stats, "name", None)
-    if kind in ("gram", "hessian"):
+    if kind in ("gram", "hessian", "hessian_teacher"):
         dim = stats.matrix.shape[0]
         rank = effective_rank(stats.matrix, RANK_RTOL)
         out.update(rank=rank, dim=dim)
         if rank < dim:
-            rows = stats.n_inputs if kind == "hessian" else stats.n_rows
+            rows = stats.n_rows if kind == "gram" else stats.n_inputs
             log.warning("%s %s: rank %d of %d from %d input rows (%s statistics; eigenvalues above %g x the "
                         "largest); the objective does not constrain the weights in the other directions",
                         st.label, job.name, rank, dim, rows, kind, RANK_RTOL)
@@ -525,6 +565,8 @@ def swap(r: Run, st: Stage) -> None:
         obj, name = f.codebook.objective, st.objectives[l.name].name
         extra = st.extras.get(l.name, {})
         held = "" if extra.get("objective_holdout") is None else f" (held-out {extra['objective_holdout']:.4f})"
+        if extra.get("target") == "teacher":
+            held += f" to the teacher's outputs (input error {extra['input_error']:.4f})"
         log.info("%s %s: d=%d K=%d %.3f bits/w %s objective %.4f -> %.4f%s fit %.2fs | quantized so far %.3f MB",
                  st.label, l.name, l.block_size, l.n_centroids, size.bits_per_weight, name, obj[0], obj[-1], held,
                  f.seconds, r.quantized_bytes / MB)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from collections import deque
 from typing import Callable
 
 import torch
@@ -92,13 +93,24 @@ class Worker:
             raise RuntimeError("collect called before load_student")
         start = time.perf_counter()
         stats = {l.name: make_stats(l.stats, l.geometry, l.block_size, l.name) for l in request.layers}
+        # statistics that pair the student's input with the teacher's (quantize.hessian.target: teacher): the
+        # teacher runs first on the same batch, and its inputs wait here, call by call, for the student's
+        paired = {name: deque() for name, s in stats.items() if getattr(s, "needs_teacher", False)}
         handles = []
         for name in stats:
             module = get_submodule(self.student, name)
-            handles.append(module.register_forward_pre_hook(lambda m, args, s=stats[name]: s.update(args[0])))
+            if name in paired:
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, s=stats[name], q=paired[name]: s.update_pair(args[0], q.popleft() if q else None)))
+                handles.append(get_submodule(self.teacher, name).register_forward_pre_hook(
+                    lambda m, args, q=paired[name]: q.append(args[0])))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda m, args, s=stats[name]: s.update(args[0])))
         seen, waiting = 0, 0.0
         try:
             self.student.eval()
+            if paired:
+                self.teacher.eval()
             batches = iter(self._calibration(request, shard, n_shards))
             while True:
                 t = time.perf_counter()
@@ -106,7 +118,14 @@ class Worker:
                 waiting += time.perf_counter() - t   # reading and decoding images (or a DataLoader's queue)
                 if batch is None:
                     break
-                self.adapter.forward(self.student, self.adapter.to_device(batch, self.device))
+                batch = self.adapter.to_device(batch, self.device)
+                if paired:
+                    self.adapter.forward(self.teacher, batch)
+                self.adapter.forward(self.student, batch)
+                for name, q in paired.items():   # teacher calls the student did not make: rows do not pair
+                    if q:
+                        stats[name].aligned = False
+                        q.clear()
                 seen += self.adapter.batch_len(batch)
         finally:
             for h in handles:

@@ -137,6 +137,20 @@ def test_target_mb_and_the_objective(tmp_path):
     assert report["compressed_mb"] <= 0.005 and pq_layers(compressed)
 
 
+def test_quantize_options_beyond_the_arguments(tmp_path):
+    """``quantize=``: any key of the pipeline's quantize section (here the teacher target and a
+    held-out share), validated by name like the YAML."""
+    model, _ = local_net()
+    _, report = bgd_dist.compress(model, inputs(), tmp_path, objective="hessian",
+                                  quantize={"holdout": 0.25, "hessian": {"target": "teacher"}}, **FAST)
+    later = report["stages"][-1]
+    assert any(v is not None for v in later["objective_holdout"].values())
+    assert "teacher's outputs" in (tmp_path / "log.jsonl").read_text() or '"target": "teacher"' in \
+        (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(ValueError, match="bias_corection"):
+        bgd_dist.compress(model, inputs(), tmp_path / "bad", quantize={"bias_corection": True}, **FAST)
+
+
 def test_a_custom_loss_is_used(tmp_path):
     calls = []
 

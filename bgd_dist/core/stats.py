@@ -214,6 +214,126 @@ class HessianStats(_SummedMatrix):
 
 @register_stats
 @dataclass
+class TeacherTargetStats(HessianStats):
+    """:class:`HessianStats` of the student's input rows ``x̃``, plus what it takes to fit the
+    layer to the *teacher's* outputs (``quantize.hessian.target: teacher``).
+
+    The student's earlier layers are already quantized, so its input ``x̃`` differs from the
+    teacher's ``x`` at the same position. Fitting ``Ŵ`` to ``W`` under ``H = Σ x̃ x̃ᵀ`` (the
+    default) reproduces ``W x̃``; fitting it to reproduce the teacher's ``W x`` minimises
+    ``Σ ||Ŵ x̃ - W x||² = tr((Ŵ - W*) H (Ŵ - W*)ᵀ) + const`` with the target weight
+    ``W* = W Cᵀ H⁻¹ = W + W Dᵀ H⁻¹``, ``C = Σ x̃ xᵀ`` and ``D = C - H = Σ x̃ (x - x̃)ᵀ``
+    (:meth:`target_weight`; ``H`` damped as in the fit, so ``W* = W`` exactly where the
+    inputs agree). All sums are additive over images like ``H``.
+
+    The rows of ``x`` and ``x̃`` must correspond (same image, same position): the teacher and
+    the student see the same batch, and the module's calls are paired in order. Where they
+    cannot be (a different number of rows, e.g. region features of different proposals)
+    ``aligned`` becomes False and the layer keeps the default target. ``input_sq`` =
+    ``Σ ||x||²`` and ``diff_sq`` = ``Σ ||x - x̃||²`` give the relative input error
+    (:attr:`input_error`) the earlier stages left at this layer.
+    """
+
+    name: ClassVar[str] = "hessian_teacher"
+    cross: Tensor | None = None
+    input_sq: float = 0.0
+    diff_sq: float = 0.0
+    aligned: bool = True
+
+    needs_teacher: ClassVar[bool] = True
+
+    @classmethod
+    def empty(cls, geometry: LayerGeometry, block_size: int, layer: str = "<layer>",
+              device: torch.device | str | None = None, max_rows: int = 65536) -> "TeacherTargetStats":
+        base = HessianStats.empty(geometry, block_size, layer, device, max_rows)
+        return cls(geometry, block_size, base.hessian, 0, 0, layer, max_rows, torch.zeros_like(base.hessian))
+
+    @staticmethod
+    def bytes_for(geometry: LayerGeometry) -> int:
+        """Bytes of the two float64 ``L x L`` matrices (``H`` and ``C``)."""
+        return 2 * HessianStats.bytes_for(geometry)
+
+    def update(self, x: Tensor) -> None:
+        raise TypeError(f"layer {self.layer!r}: teacher-target statistics need the teacher's input too "
+                        f"(update_pair)")
+
+    @torch.no_grad()
+    def update_pair(self, x: Tensor, x_teacher: Tensor | None) -> None:
+        """Accumulate one forward call's student input ``x`` and the teacher's input at the same call
+        (None: the teacher made no such call)."""
+        if x_teacher is None or tuple(x.shape) != tuple(x_teacher.shape):
+            self.aligned = False
+        if not self.aligned:   # H alone (the default target's statistics)
+            HessianStats.update(self, x)
+            return
+        if not (torch.isfinite(x).all() and torch.isfinite(x_teacher).all()):
+            raise ValueError(f"layer {self.layer!r}: non-finite values in the layer input")
+        length = self.geometry.row_length
+        max_rows = max(1, min(self.max_rows, (1 << 22) // length))
+        hessian, cross = self.hessian.to(x.device), self.cross.to(x.device)
+        n_blocks = length // self.block_size
+        pairs = zip(input_rows(x, self.geometry, max_rows, self.layer),
+                    input_rows(x_teacher.to(x.device), self.geometry, max_rows, self.layer))
+        for rows, rows_t in pairs:
+            r64, t64 = rows.to(torch.float64), rows_t.to(torch.float64)
+            hessian.addmm_(r64.T, r64)
+            cross.addmm_(r64.T, t64)
+            self.input_sq += float(t64.pow(2).sum())
+            self.diff_sq += float((t64 - r64).pow(2).sum())
+            self.n_inputs += rows.shape[0]
+            self.n_rows += rows.shape[0] * n_blocks
+        self.hessian, self.cross = hessian, cross
+
+    def merge(self, other):
+        if not isinstance(other, TeacherTargetStats) or other.block_size != self.block_size \
+                or other.geometry != self.geometry:
+            raise ValueError(f"layer {self.layer!r}: cannot merge statistics of a different layer or block size")
+        return TeacherTargetStats(self.geometry, self.block_size, self.hessian + other.hessian.to(self.hessian.device),
+                                  self.n_rows + other.n_rows, self.n_inputs + other.n_inputs, self.layer,
+                                  self.max_rows, self.cross + other.cross.to(self.cross.device),
+                                  self.input_sq + other.input_sq, self.diff_sq + other.diff_sq,
+                                  self.aligned and other.aligned)
+
+    def state(self) -> dict:
+        return {**super().state(), "cross": self.cross.cpu(), "input_sq": self.input_sq, "diff_sq": self.diff_sq,
+                "aligned": self.aligned}
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * super().nbytes
+
+    @property
+    def input_error(self) -> float | None:
+        """``Σ ||x - x̃||² / Σ ||x||²`` over the paired rows (None when not aligned or empty)."""
+        if not self.aligned or self.input_sq <= 0:
+            return None
+        return self.diff_sq / self.input_sq
+
+    def target_weight(self, weight_matrix: Tensor, damp: float) -> Tensor:
+        """``W* = W + W Dᵀ (H + λI)⁻¹`` for the ``(n_rows, L)`` weight matrix ``W`` (float64),
+        ``λ = damp · mean(diag H)`` as in the fit; ``W`` itself when the rows were not aligned."""
+        w = weight_matrix.to(torch.float64)
+        if not self.aligned:
+            return w
+        self.check()
+        h = self.hessian.to(torch.float64)
+        d = self.cross.to(h) - h
+        lam = damp * float(h.diagonal().mean())
+        length = h.shape[0]
+        eye = torch.eye(length, dtype=h.dtype, device=h.device)
+        lam = lam if lam > 0 else 1e-12
+        for _ in range(8):  # raise the damping until the factorisation succeeds (singular H)
+            chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+            if int(info) == 0:
+                # (H + λI)⁻¹ D W ᵀ, transposed: H and the damping are symmetric
+                return w + torch.cholesky_solve(d @ w.T.to(h.device), chol).T.to(w.device)
+            lam *= 10
+        raise ValueError(f"layer {self.layer!r}: the input statistics are not positive definite even with "
+                         f"strong damping")
+
+
+@register_stats
+@dataclass
 class IdentityStats:
     """The weights-only baseline: the metric is the identity (classic PQ)."""
 
