@@ -25,9 +25,11 @@ End metrics (``--end``): the pipeline run as written but for each variant's
 settings, serial executor, same seeds, identical size: the paper objective, the
 hessian objective, hessian + bias correction, hessian + permutations, all three
 (each without fine-tuning and with the full pipeline), all three with BN affine
-and bias training in both distillation phases, calibration on natural
-photographs instead of the task's images (out of domain), and, for digits, all
-three at half the rules' size (``quantize.target_mb``). Cost columns: the time
+and bias training in both distillation phases, hessian fitted to the teacher's
+outputs (``quantize.hessian.target: teacher``) alone and with the other three
+("all four"), calibration on natural photographs instead of the task's images
+(out of domain), and, for digits, the best combinations at half the rules' size
+(``quantize.target_mb``). Cost columns: the time
 of statistics, fitting, bias correction and permutation search; the mean time
 per stage (everything); the largest per-worker statistics of a stage.
 """
@@ -188,6 +190,7 @@ BIAS = ["quantize.bias_correction=true"]
 PERMUTE = ["quantize.permute=true"]
 TRAIN_AFFINE = [f"finetune.{phase}.{what}=true" for phase in ("layerwise", "global") for what in ("train_bn", "train_bias")]
 PHOTOS = ["data.calibration=photos"]
+TEACHER = ["quantize.hessian.target=teacher"]
 HALF_SIZE = "half size"   # marker: quantize.target_mb = half the rules' size (the first variant's)
 END_VARIANTS = [
     ("paper, no fine-tuning", ["quantize.objective=paper", *NO_FT]),
@@ -201,9 +204,16 @@ END_VARIANTS = [
     ("all three, no fine-tuning", [*HESSIAN, *BIAS, *PERMUTE, *NO_FT]),
     ("all three, full pipeline", [*HESSIAN, *BIAS, *PERMUTE]),
     ("all three + BN/bias training, full", [*HESSIAN, *BIAS, *PERMUTE, *TRAIN_AFFINE]),
+    ("hessian + teacher target, no fine-tuning", [*HESSIAN, *TEACHER, *NO_FT]),
+    ("hessian + teacher target, full pipeline", [*HESSIAN, *TEACHER]),
+    ("all four, no fine-tuning", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *NO_FT]),
+    ("all four + BN/bias training, full", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *TRAIN_AFFINE]),
     ("paper, photo calibration, no FT", ["quantize.objective=paper", *PHOTOS, *NO_FT]),
     ("all three, photo calibration, no FT", [*HESSIAN, *BIAS, *PERMUTE, *PHOTOS, *NO_FT]),
+    ("all four, photo calibration, no FT", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *PHOTOS, *NO_FT]),
     (f"all three, {HALF_SIZE}, no fine-tuning", [*HESSIAN, *BIAS, *PERMUTE, *NO_FT]),
+    (f"hessian + teacher target, {HALF_SIZE}, no FT", [*HESSIAN, *TEACHER, *NO_FT]),
+    (f"all four, {HALF_SIZE}, no fine-tuning", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *NO_FT]),
 ]
 
 

@@ -152,6 +152,10 @@ class HessianConfig:
     # W x̃ (weights, GPTQ's and the paper's target) or the teacher's outputs W x on the teacher's inputs
     # (teacher: also collects Σ x̃ xᵀ, corrects what the earlier stages got wrong; TeacherTargetStats)
     target: str = "weights"
+    # teacher target: only the layers whose qualified name fully matches this regular expression (the others
+    # keep the weights target), e.g. to leave out heads whose input rows do not pair with the teacher's
+    # (a detector's region heads see the student's own proposals)
+    teacher_match: str = ".*"
     # teacher target: a layer whose relative input error Σ||x - x̃||² / Σ||x||² exceeds this keeps the
     # weights target (its rows are too far from the teacher's to be worth chasing; logged)
     max_input_error: float = 0.5
@@ -169,6 +173,10 @@ class HessianConfig:
             raise ValueError(f"max_mb: must be > 0, got {self.max_mb}")
         if self.target not in ("weights", "teacher"):
             raise ValueError(f"target: unknown value {self.target!r}; expected weights or teacher")
+        try:
+            re.compile(self.teacher_match)
+        except re.error as e:
+            raise ValueError(f"teacher_match: {self.teacher_match!r} is not a valid regular expression: {e}") from None
         if not self.max_input_error >= 0:
             raise ValueError(f"max_input_error: must be >= 0, got {self.max_input_error}")
 

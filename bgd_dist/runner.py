@@ -22,6 +22,7 @@ import dataclasses
 import copy
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,7 +445,7 @@ def collect(r: Run, st: Stage) -> None:
                 log.warning("%s %s: %s; using the %s for this layer", st.label, l.name, why,
                             "pooled Gram (paper objective)" if fallback == "paper" else f"{fallback} objective")
                 r.log.write(f"{l.objective}_fallback", stage=st.index, layer=l.name, reason=why)
-        requests = [LayerRequest(l.name, l.geometry, l.block_size, stats_kind(st.objectives[l.name], q.hessian))
+        requests = [LayerRequest(l.name, l.geometry, l.block_size, stats_kind(l.name, st.objectives[l.name], q.hessian))
                     for l in st.layers]
         if not any(o.needs_calibration for o in st.objectives.values()):
             return
@@ -492,10 +493,13 @@ def fit(r: Run, st: Stage) -> None:
             st.extras[job.name] = layer_diagnostics(r, st, job)
 
 
-def stats_kind(obj, hessian_cfg) -> str:
-    """The statistics a layer fitted under ``obj`` collects: the objective's own, or for the
-    ``hessian`` objective with ``hessian.target: teacher`` the teacher-paired ones."""
-    return "hessian_teacher" if obj.stats == "hessian" and hessian_cfg.target == "teacher" else obj.stats
+def stats_kind(name: str, obj, hessian_cfg) -> str:
+    """The statistics layer ``name`` fitted under ``obj`` collects: the objective's own, or for the
+    ``hessian`` objective with ``hessian.target: teacher`` (and ``name`` matching
+    ``hessian.teacher_match``) the teacher-paired ones."""
+    if obj.stats == "hessian" and hessian_cfg.target == "teacher" and re.fullmatch(hessian_cfg.teacher_match, name):
+        return "hessian_teacher"
+    return obj.stats
 
 
 def teacher_target(r: Run, st: Stage, l, weight):

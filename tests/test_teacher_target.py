@@ -107,6 +107,8 @@ def test_target_and_its_bound_are_validated_by_name():
         load_pipeline("pipelines/digits.yaml", ["quantize.hessian.target=student"])
     with pytest.raises(ConfigError, match="max_input_error: must be >= 0"):
         load_pipeline("pipelines/digits.yaml", ["quantize.hessian.max_input_error=-1"])
+    with pytest.raises(ConfigError, match=r"teacher_match: 'layer\(' is not a valid regular expression"):
+        load_pipeline("pipelines/digits.yaml", ["quantize.hessian.teacher_match=layer("])
 
 
 def layer_events(out):
@@ -154,3 +156,12 @@ def test_a_layer_above_the_input_error_bound_keeps_the_weights_target(tmp_path, 
     assert {e["target"] for e in events if e["input_error"] > 0} == {"weights"}
     assert {e["target"] for e in events if e["input_error"] == 0} == {"teacher"}
     assert "exceeds quantize.hessian.max_input_error = 0" in caplog.text
+
+
+def test_teacher_match_limits_the_teacher_target_to_the_layers_it_names(tmp_path):
+    cfg = toy_config(quantize={**BASE["quantize"], "objective": "hessian",
+                               "hessian": {"target": "teacher", "teacher_match": "shortcut|fc", "max_input_error": 10}},
+                     finetune={"layerwise": {"enabled": False}, "global": {"enabled": False}})
+    run(cfg, tmp_path, do_eval=False, progress=False)
+    paired = {n for n, e in layer_events(tmp_path).items() if "input_error" in e}
+    assert paired == {"shortcut", "fc"}
