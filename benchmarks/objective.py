@@ -191,6 +191,8 @@ PERMUTE = ["quantize.permute=true"]
 TRAIN_AFFINE = [f"finetune.{phase}.{what}=true" for phase in ("layerwise", "global") for what in ("train_bn", "train_bias")]
 PHOTOS = ["data.calibration=photos"]
 TEACHER = ["quantize.hessian.target=teacher"]
+# the layers whose input rows pair with the teacher's (a detector's region heads see the student's proposals)
+TEACHER_MATCH = {"shapes": r"(backbone|rpn)\..*"}
 HALF_SIZE = "half size"   # marker: quantize.target_mb = half the rules' size (the first variant's)
 END_VARIANTS = [
     ("paper, no fine-tuning", ["quantize.objective=paper", *NO_FT]),
@@ -241,6 +243,8 @@ def end_metrics(which: str, overrides: list[str], out: Path, only: list[str] | N
                 base = model_config(which, overrides)
                 rules_mb = size_report(make_adapter(base.model, base.data).build_model(), plan_for(base)).compressed_mb
             extra = [*extra, f"quantize.target_mb={rules_mb / 2:.6f}"]
+        if TEACHER[0] in extra and which in TEACHER_MATCH:
+            extra = [*extra, f"quantize.hessian.teacher_match={TEACHER_MATCH[which]}"]
         cfg = model_config(which, [*overrides, *extra])
         run_dir = out / which / _slug(label)
         if keep and (run_dir / "report.json").exists():
