@@ -194,9 +194,14 @@ def _sq_error(c64: Tensor, sums: Tensor, counts: Tensor, total: float, metric64:
 
 
 def _move_sums(sums: Tensor, w64: Tensor, rows: Tensor, src: Tensor, dst: Tensor) -> Tensor:
-    """Cluster sums after ``rows`` moved from ``src`` to ``dst`` (a new tensor)."""
+    """Cluster sums after ``rows`` moved from ``src`` to ``dst`` (a new tensor).
+
+    ``scatter_add`` adds the rows in the same order as ``index_add`` (row by row, so the float64
+    sums are the same), several times faster on CPU."""
     wr = w64.index_select(0, rows)
-    return sums.index_add(0, src, wr, alpha=-1).index_add_(0, dst, wr)
+    d = wr.shape[1]
+    return sums.scatter_add(0, src.unsqueeze(1).expand(-1, d), wr.neg()).scatter_add_(
+        0, dst.unsqueeze(1).expand(-1, d), wr)
 
 
 def _move_counts(counts: Tensor, src: Tensor, dst: Tensor) -> Tensor:
@@ -288,9 +293,10 @@ def _hartigan_moves(x_aug: Tensor, w64: Tensor, centroids: Tensor, means: Tensor
     none = (torch.zeros(0, dtype=torch.long, device=device),) * 2 + (
         torch.zeros(0, dtype=torch.float64, device=device), 0.0)
     allowed = ~frozen
-    rows = torch.nonzero(allowed[assignments] & (counts[assignments] >= 2)).flatten()
-    if rows.numel() == 0 or int(allowed.sum()) < 2:
+    eligible = allowed & (counts >= 2)                               # the clusters whose rows may move
+    if int(allowed.sum()) < 2 or not bool(eligible.any()):
         return none
+    rows = torch.nonzero(eligible[assignments]).flatten()
     cnt = counts.to(dtype)
     grow = cnt / (cnt + 1)                                           # n_b / (n_b + 1)
     own_factor = (cnt + 1) / (cnt - 1).clamp_min(1)                  # (n_a/(n_a-1)) / (n_a/(n_a+1))
