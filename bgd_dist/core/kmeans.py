@@ -79,6 +79,7 @@ _LANES = 32  # see _tie_order
 # rows of the (rows, K) score matrix scored at once on CPU: large enough that the per-call overhead of a
 # few torch operations per chunk stays small, small enough that the matrix stays in the cache
 _CPU_CHUNK = 4096
+_PENDING = 1024
 
 
 @functools.lru_cache(maxsize=16)
@@ -124,7 +125,7 @@ def _argmin_rows(scores: Tensor, overwrite: bool = False) -> Tensor:
 
 
 def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | None = None,
-             chunk: int | None = None, w_aug: Tensor | None = None) -> Tensor:
+             chunk: int | None = None, w_aug: Tensor | None = None, changed: list[Tensor] | None = None) -> Tensor:
     """argmin_c (w - c)ᵀ G (w - c) for each row of w (N, d), via cᵀGc - 2 wᵀGc.
 
     The scores are one GEMM of the rows ``[w, 1]`` (``w_aug``, (N, d+1), built here
@@ -136,7 +137,9 @@ def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | Non
     row minimum (ties favour the current assignment) and the full argmin is
     only computed for the rows where it does not, which after the first few
     k-means iterations are few: their scores are gathered over the chunks and
-    their argmins taken together (:func:`_argmin_rows`).
+    their argmins taken together (:func:`_argmin_rows`). Those rows are the ones whose
+    assignment changes: with ``changed`` (a list) given, they are appended to it (pieces in
+    ascending order).
     """
     if chunk is None:
         chunk = _CPU_CHUNK if w.device.type == "cpu" else 65536
@@ -148,7 +151,7 @@ def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | Non
     out = torch.empty(n, dtype=torch.long, device=w.device) if current is None else current.clone()
     buf = torch.empty(min(chunk, n), k, dtype=w.dtype, device=w.device)
     if current is not None:
-        pending = torch.empty_like(buf)           # scores of the rows whose argmin is still to take
+        pending = torch.empty(min(_PENDING, buf.shape[0]), k, dtype=w.dtype, device=w.device)   # scores of the rows whose argmin is still to take
         pending_rows: list[Tensor] = []
         now = out.unsqueeze(1)                    # (N, 1)
     filled = 0
@@ -161,14 +164,17 @@ def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | Non
             continue
         # rows whose current centroid does not attain the minimum
         worse = torch.nonzero(scores.gather(1, now[start:stop]) > scores.amin(1, keepdim=True))[:, 0]
-        nw = worse.shape[0]
-        if nw:
+        for part in (worse,) if worse.shape[0] <= pending.shape[0] else worse.split(pending.shape[0]):
+            nw = part.shape[0]
             if filled + nw > pending.shape[0]:
                 out[torch.cat(pending_rows)] = _argmin_rows(pending[:filled], overwrite=True)
                 filled, pending_rows = 0, []
-            torch.index_select(scores, 0, worse, out=pending[filled:filled + nw])
-            pending_rows.append(worse.add_(start))
-            filled += nw
+            if nw:
+                torch.index_select(scores, 0, part, out=pending[filled:filled + nw])
+                pending_rows.append(part.add_(start))
+                if changed is not None:
+                    changed.append(part)
+                filled += nw
     if filled:
         out[torch.cat(pending_rows)] = _argmin_rows(pending[:filled], overwrite=True)
     return out
@@ -536,7 +542,15 @@ def fit_codebook(
     total = float((metric64 * (w64.T @ w64)).sum())
     scale = total if total > 0 else 1.0
 
-    nearest = (search or torch_search)(w, metric)
+    moves: list[Tensor] | None = None            # the default search reports the rows it moves
+    if search is None:
+        moves = []
+        w_aug = _augment(w)
+
+        def nearest(c: Tensor, current: Tensor | None) -> Tensor:
+            return _nearest(w, c, metric, current, w_aug=w_aug, changed=moves)
+    else:
+        nearest = search(w, metric)
     if refine == "hartigan":
         x_aug = torch.cat([w, ((w64 @ metric64) * w64).sum(1, keepdim=True).to(w.dtype)], 1)   # (N, d+1)
     objective: list[float] = []
@@ -550,11 +564,16 @@ def fit_codebook(
         c64 = centroids.double()
         previous = assignments
         e_step = previous is None or refine == "lloyd" or lloyd_share > _LLOYD_SHARE
+        if moves:
+            moves.clear()
         proposed = nearest(centroids, assignments) if e_step else previous
         lloyd = none                              # the rows that move (ascending)
         if previous is not None and e_step:
             # a point moves only if the new centroid is strictly closer under the exact distance
-            changed = torch.nonzero(proposed != previous).flatten()
+            if moves is None:
+                changed = torch.nonzero(proposed != previous).flatten()
+            else:
+                changed = torch.cat(moves) if moves else none
             if changed.numel():
                 wc = w64[changed]
                 d_new = _quad(wc - c64[proposed[changed]], metric64)
