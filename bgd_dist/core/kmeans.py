@@ -79,7 +79,7 @@ _LANES = 32  # see _tie_order
 # rows of the (rows, K) score matrix scored at once on CPU: large enough that the per-call overhead of a
 # few torch operations per chunk stays small, small enough that the matrix stays in the cache
 _CPU_CHUNK = 4096
-_PENDING = 1024
+_PENDING = 1024  # rows whose scores _nearest keeps for one batched argmin (see there)
 
 
 @functools.lru_cache(maxsize=16)
@@ -108,7 +108,7 @@ def _argmin_rows(scores: Tensor, overwrite: bool = False) -> Tensor:
     n, k = scores.shape
     if scores.device.type != "cpu":
         return scores.argmin(1)
-    if scores.dtype not in (torch.float32, torch.float64) or n == 0:
+    if scores.dtype not in (torch.float32, torch.float64):
         if k % _LANES or k < 2 * _LANES:
             return scores.argmin(1)
         groups = k // _LANES
@@ -151,7 +151,8 @@ def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | Non
     out = torch.empty(n, dtype=torch.long, device=w.device) if current is None else current.clone()
     buf = torch.empty(min(chunk, n), k, dtype=w.dtype, device=w.device)
     if current is not None:
-        pending = torch.empty(min(_PENDING, buf.shape[0]), k, dtype=w.dtype, device=w.device)   # scores of the rows whose argmin is still to take
+        # the scores of the rows whose argmin is still to take, a few at a time
+        pending = torch.empty(min(_PENDING, buf.shape[0]), k, dtype=w.dtype, device=w.device)
         pending_rows: list[Tensor] = []
         now = out.unsqueeze(1)                    # (N, 1)
     filled = 0
