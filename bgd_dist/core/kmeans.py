@@ -164,7 +164,7 @@ def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | Non
             out[start:stop] = _argmin_rows(scores, overwrite=True)
             continue
         # rows whose current centroid does not attain the minimum
-        worse = torch.nonzero(scores.gather(1, now[start:stop]) > scores.amin(1, keepdim=True))[:, 0]
+        worse = torch.nonzero(scores.gather(1, now[start:stop]).view(-1) > scores.amin(1)).view(-1)
         for part in (worse,) if worse.shape[0] <= pending.shape[0] else worse.split(pending.shape[0]):
             nw = part.shape[0]
             if filled + nw > pending.shape[0]:
