@@ -151,8 +151,9 @@ def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | Non
     out = torch.empty(n, dtype=torch.long, device=w.device) if current is None else current.clone()
     buf = torch.empty(min(chunk, n), k, dtype=w.dtype, device=w.device)
     if current is not None:
-        # the scores of the rows whose argmin is still to take, a few at a time
-        pending = torch.empty(min(_PENDING, buf.shape[0]), k, dtype=w.dtype, device=w.device)
+        # the scores of the rows whose argmin is still to take, a few at a time (CPU: what the cache holds)
+        cap = min(_PENDING, buf.shape[0]) if w.device.type == "cpu" else buf.shape[0]
+        pending = torch.empty(cap, k, dtype=w.dtype, device=w.device)
         pending_rows: list[Tensor] = []
         now = out.unsqueeze(1)                    # (N, 1)
     filled = 0
