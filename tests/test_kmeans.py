@@ -380,6 +380,58 @@ def test_fast_argmin_finds_the_row_minimum():
         assert torch.equal(idx[torch.arange(300) != 5], torch.full((299,), k // 2))
 
 
+def _lane_argmin(scores):
+    """The lane-wise argmin ``_argmin_rows`` was written as (its tie order is kept): with K = 32 G,
+    the lowest lane (column % 32) among the tied minima, then the lowest group (column // 32)."""
+    n, k = scores.shape
+    if k % 32 or k < 64:
+        return scores.argmin(1)
+    by_lane = scores.view(n, k // 32, 32)
+    lane = by_lane.amin(1).argmin(1)
+    group = by_lane.gather(2, lane.view(n, 1, 1).expand(n, k // 32, 1)).squeeze(2).argmin(1)
+    return group * 32 + lane
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_argmin_rows_keeps_its_tie_order(dtype):
+    gen = _gen(4)
+    for k in (7, 48, 64, 96, 256, 1024):
+        for n in (1, 2, 300):
+            scores = torch.randint(0, 6, (n, k), generator=gen).to(dtype)          # many exact ties
+            scores[torch.rand(n, k, generator=gen) < 0.2] = float("inf")           # (Hartigan's masked costs)
+            scores[0, :] = 2.0                                                     # a row all tied
+            expected = _lane_argmin(scores)
+            kept = scores.clone()
+            assert torch.equal(_argmin_rows(scores), expected)
+            assert torch.equal(scores, kept)                                       # not overwritten
+            assert torch.equal(_argmin_rows(scores, overwrite=True), expected)
+
+
+def test_nearest_keeps_tied_current_and_argmins_the_rest():
+    # duplicated centroids give exactly tied scores; small chunks make the rows whose argmin is
+    # taken later span several chunks and flushes
+    gen = _gen(5)
+    d, k, n, chunk = 4, 64, 500, 7
+    w = torch.randn(n, d, generator=gen)
+    c = torch.randn(k, d, generator=gen)
+    c[32:] = c[:32]                                                                # column j ties j ± 32
+    w[::5] = c[torch.randint(k, (100,), generator=gen)]                            # rows on a centroid
+    metric = _gram(d, 5, dtype=torch.float32)
+    current = torch.randint(k, (n,), generator=gen)
+    current[::5] = torch.randint(k, (100,), generator=gen)
+    w_aug = torch.cat([w, torch.ones(n, 1)], 1)
+    cg = c @ metric
+    cols = torch.cat([-2 * cg, (c * cg).sum(1, keepdim=True)], 1).T.contiguous()
+    scores = torch.cat([torch.mm(w_aug[s:s + chunk], cols) for s in range(0, n, chunk)])
+    own = scores.gather(1, current[:, None]).squeeze(1)
+    expected = torch.where(own <= scores.amin(1), current, _lane_argmin(scores))
+    got = kmeans._nearest(w, c, metric, current, chunk=chunk)
+    assert torch.equal(got, expected)
+    assert torch.equal(kmeans._nearest(w, c, metric, chunk=chunk), _lane_argmin(scores))
+    tied = (own == scores.amin(1)) & (scores == scores.amin(1, keepdim=True)).sum(1).gt(1)
+    assert tied.any() and torch.equal(got[tied], current[tied])                    # ties keep the current
+
+
 def test_relative_error():
     w = torch.tensor([3.0, 4.0])
     assert relative_error(w, w) == 0.0

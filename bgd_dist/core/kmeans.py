@@ -5,6 +5,7 @@ Pure functions over tensors; device and dtype follow the weight.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import warnings
@@ -74,64 +75,110 @@ def _check_finite(t: Tensor, what: str, name: str) -> None:
         raise ValueError(f"layer {name!r}: {what} contains NaN or inf")
 
 
-_LANES = 32  # see _argmin_rows
+_LANES = 32  # see _tie_order
+# rows of the (rows, K) score matrix scored at once on CPU: large enough that the per-call overhead of a
+# few torch operations per chunk stays small, small enough that the matrix stays in the cache
+_CPU_CHUNK = 4096
+_PENDING = 1024  # rows whose scores _nearest keeps for one batched argmin (see there)
 
 
-def _argmin_rows(scores: Tensor) -> Tensor:
-    """Index of a minimum of every row of ``scores`` (n, K); deterministic ties.
+@functools.lru_cache(maxsize=16)
+def _tie_order(k: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(rank, column)``: the order in which :func:`_argmin_rows` breaks exact ties among K columns.
 
-    ``argmin`` over long rows is slow on CPU (not vectorised), while ``amin``
-    over a non-innermost dimension is. With K = G * L, the minimum over the G
-    groups is taken lane by lane, then the best lane of each row and the best
-    group in that lane: the value found is exactly the row minimum; among tied
-    minima the one in the lowest lane, then lowest group, is returned.
+    ``rank`` (K,) in ``dtype``: the rank of every column; ``column`` (K,) int64: the column of every
+    rank. With ``K = G * 32`` (``K >= 64``) columns are ranked lane first, then group
+    (``j = group * 32 + lane``: lane ``j % 32``, group ``j // 32``), the order of the lane-wise
+    reduction this function once used (kept so that the codebooks stay identical); otherwise by index.
+    """
+    j = torch.arange(k, device=device)
+    rank = j if k % _LANES or k < 2 * _LANES else (j % _LANES) * (k // _LANES) + j // _LANES
+    return rank.to(dtype), torch.argsort(rank)
+
+
+def _argmin_rows(scores: Tensor, overwrite: bool = False) -> Tensor:
+    """Index of a minimum of every row of ``scores`` (n, K); deterministic ties (:func:`_tie_order`).
+
+    ``argmin`` over rows is slow on CPU (not vectorised), elementwise operations and ``amin``
+    are not: with ``m`` the row minimum, ``sign(s - m)`` is 0 exactly at the minima (``s - m == 0``
+    iff ``s == m`` for finite floats; ``+inf`` entries give 1) and the smallest
+    ``K·sign(s - m) + rank`` of a row is the rank of its first minimum. ``overwrite``: ``scores``
+    may be used as scratch space (its content is then undefined).
     """
     n, k = scores.shape
-    if k % _LANES or k < 2 * _LANES or scores.device.type != "cpu":
+    if scores.device.type != "cpu":
         return scores.argmin(1)
-    groups = k // _LANES
-    by_lane = scores.view(n, groups, _LANES)
-    lane = by_lane.amin(1).argmin(1)                                    # (n,)
-    group = by_lane.gather(2, lane.view(n, 1, 1).expand(n, groups, 1)).squeeze(2).argmin(1)
-    return group * _LANES + lane
+    if scores.dtype not in (torch.float32, torch.float64):
+        if k % _LANES or k < 2 * _LANES:
+            return scores.argmin(1)
+        groups = k // _LANES
+        by_lane = scores.view(n, groups, _LANES)
+        lane = by_lane.amin(1).argmin(1)                                    # (n,)
+        group = by_lane.gather(2, lane.view(n, 1, 1).expand(n, groups, 1)).squeeze(2).argmin(1)
+        return group * _LANES + lane
+    rank, column = _tie_order(k, scores.device, scores.dtype)
+    key = scores if overwrite else scores.clone()
+    key.sub_(key.amin(1, keepdim=True)).sign_()
+    torch.add(rank, key, alpha=k, out=key)                                  # rank + K·sign(s - m)
+    # (NaN scores, which finite inputs do not produce, would give an arbitrary valid index)
+    return column[key.amin(1).long().clamp_(0, k - 1)]
 
 
 def _nearest(w: Tensor, centroids: Tensor, metric: Tensor, current: Tensor | None = None,
-             chunk: int | None = None, w_aug: Tensor | None = None) -> Tensor:
+             chunk: int | None = None, w_aug: Tensor | None = None, changed: list[Tensor] | None = None) -> Tensor:
     """argmin_c (w - c)ᵀ G (w - c) for each row of w (N, d), via cᵀGc - 2 wᵀGc.
 
     The scores are one GEMM of the rows ``[w, 1]`` (``w_aug``, (N, d+1), built here
     when not given) with the columns ``[-2 Gc ; cᵀGc]``.
 
-    Chunked so the (chunk, K) score matrix stays in cache (CPU; default 2048
+    Chunked so the (chunk, K) score matrix stays in cache (CPU; default ``_CPU_CHUNK``
     rows, 65536 on accelerators). With ``current``
     (N,) given, a row keeps its current centroid whenever that one attains the
     row minimum (ties favour the current assignment) and the full argmin is
     only computed for the rows where it does not, which after the first few
-    k-means iterations are few.
+    k-means iterations are few: their scores are gathered over the chunks and
+    their argmins taken together (:func:`_argmin_rows`). Those rows are the ones whose
+    assignment changes: with ``changed`` (a list) given, they are appended to it (pieces in
+    ascending order).
     """
     if chunk is None:
-        chunk = 2048 if w.device.type == "cpu" else 65536
+        chunk = _CPU_CHUNK if w.device.type == "cpu" else 65536
     if w_aug is None:
         w_aug = _augment(w)
     cg = centroids @ metric                       # (K, d)
     cols = torch.cat([-2 * cg, (centroids * cg).sum(1, keepdim=True)], 1).T.contiguous()   # (d+1, K)
-    n = w.shape[0]
+    n, k = w.shape[0], centroids.shape[0]
     out = torch.empty(n, dtype=torch.long, device=w.device) if current is None else current.clone()
-    buf = torch.empty(min(chunk, n), centroids.shape[0], dtype=w.dtype, device=w.device)
+    buf = torch.empty(min(chunk, n), k, dtype=w.dtype, device=w.device)
+    if current is not None:
+        # the scores of the rows whose argmin is still to take, a few at a time (CPU: what the cache holds)
+        cap = min(_PENDING, buf.shape[0]) if w.device.type == "cpu" else buf.shape[0]
+        pending = torch.empty(cap, k, dtype=w.dtype, device=w.device)
+        pending_rows: list[Tensor] = []
+        now = out.unsqueeze(1)                    # (N, 1)
+    filled = 0
     for start in range(0, n, chunk):
-        wc = w_aug[start:start + chunk]
-        m = wc.shape[0]
-        scores = buf[:m]
-        torch.mm(wc, cols, out=scores)                              # (m, K)
+        stop = min(start + chunk, n)
+        scores = buf if stop - start == buf.shape[0] else buf[:stop - start]
+        torch.mm(w_aug[start:stop], cols, out=scores)                 # (m, K)
         if current is None:
-            out[start:start + m] = _argmin_rows(scores)
+            out[start:stop] = _argmin_rows(scores, overwrite=True)
             continue
-        now = out[start:start + m]
-        own = scores.gather(1, now.unsqueeze(1)).squeeze(1)
-        worse = torch.nonzero(own > scores.amin(1)).flatten()
-        if worse.numel():
-            now[worse] = _argmin_rows(scores.index_select(0, worse))
+        # rows whose current centroid does not attain the minimum
+        worse = torch.nonzero(scores.gather(1, now[start:stop]).view(-1) > scores.amin(1)).view(-1)
+        for part in (worse,) if worse.shape[0] <= pending.shape[0] else worse.split(pending.shape[0]):
+            nw = part.shape[0]
+            if filled + nw > pending.shape[0]:
+                out[torch.cat(pending_rows)] = _argmin_rows(pending[:filled], overwrite=True)
+                filled, pending_rows = 0, []
+            if nw:
+                torch.index_select(scores, 0, part, out=pending[filled:filled + nw])
+                pending_rows.append(part.add_(start))
+                if changed is not None:
+                    changed.append(part)
+                filled += nw
+    if filled:
+        out[torch.cat(pending_rows)] = _argmin_rows(pending[:filled], overwrite=True)
     return out
 
 
@@ -155,9 +202,21 @@ def _sq_error(c64: Tensor, sums: Tensor, counts: Tensor, total: float, metric64:
 
 
 def _move_sums(sums: Tensor, w64: Tensor, rows: Tensor, src: Tensor, dst: Tensor) -> Tensor:
-    """Cluster sums after ``rows`` moved from ``src`` to ``dst`` (a new tensor)."""
+    """Cluster sums after ``rows`` moved from ``src`` to ``dst`` (a new tensor).
+
+    ``scatter_add`` adds the rows in the same order as ``index_add`` (row by row, so the float64
+    sums are the same), several times faster on CPU."""
     wr = w64.index_select(0, rows)
-    return sums.index_add(0, src, wr, alpha=-1).index_add_(0, dst, wr)
+    d = wr.shape[1]
+    return sums.scatter_add(0, src.unsqueeze(1).expand(-1, d), wr.neg()).scatter_add_(
+        0, dst.unsqueeze(1).expand(-1, d), wr)
+
+
+def _move_counts(counts: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+    """Cluster sizes after one member of ``src[j]`` moved to ``dst[j]`` for every j (a new tensor;
+    equal to the ``bincount`` of the new assignments)."""
+    one = torch.ones_like(src)
+    return counts.index_add(0, src, one, alpha=-1).index_add_(0, dst, one)
 
 
 def _distinct_rows(w: Tensor, k: int) -> Tensor | None:
@@ -236,15 +295,16 @@ def _hartigan_moves(x_aug: Tensor, w64: Tensor, centroids: Tensor, means: Tensor
     that are also Lloyd moves (``d(i, μ_b) < d(i, μ_a)``) touch, kept or not.
     """
     if chunk is None:
-        chunk = 2048 if x_aug.device.type == "cpu" else 65536
+        chunk = _CPU_CHUNK if x_aug.device.type == "cpu" else 65536
     device, dtype = x_aug.device, x_aug.dtype
     k = counts.shape[0]
     none = (torch.zeros(0, dtype=torch.long, device=device),) * 2 + (
         torch.zeros(0, dtype=torch.float64, device=device), 0.0)
     allowed = ~frozen
-    rows = torch.nonzero(allowed[assignments] & (counts[assignments] >= 2)).flatten()
-    if rows.numel() == 0 or int(allowed.sum()) < 2:
+    eligible = allowed & (counts >= 2)                               # the clusters whose rows may move
+    if int(allowed.sum()) < 2 or not bool(eligible.any()):
         return none
+    rows = torch.nonzero(eligible[assignments]).flatten()
     cnt = counts.to(dtype)
     grow = cnt / (cnt + 1)                                           # n_b / (n_b + 1)
     own_factor = (cnt + 1) / (cnt - 1).clamp_min(1)                  # (n_a/(n_a-1)) / (n_a/(n_a+1))
@@ -265,11 +325,12 @@ def _hartigan_moves(x_aug: Tensor, w64: Tensor, centroids: Tensor, means: Tensor
         own_cost = cost[at, own] * own_factor[own]                   # n_a/(n_a-1)·d(i, c_a)
         cost[at, own] = math.inf
         better = torch.nonzero(cost.amin(1) < own_cost).flatten()   # few rows: argmin on those only
-        cand_rows.append(r[better])
-        cand_dst.append(_argmin_rows(cost[better]))
-    i, b = torch.cat(cand_rows), torch.cat(cand_dst)
-    if i.numel() == 0:
+        if better.numel():
+            cand_rows.append(r[better])
+            cand_dst.append(_argmin_rows(cost.index_select(0, better), overwrite=True))
+    if not cand_rows:
         return none
+    i, b = torch.cat(cand_rows), torch.cat(cand_dst)
     # exact gains, float64, exact means
     a = assignments[i]
     n64 = counts.to(torch.float64)
@@ -483,11 +544,20 @@ def fit_codebook(
     total = float((metric64 * (w64.T @ w64)).sum())
     scale = total if total > 0 else 1.0
 
-    nearest = (search or torch_search)(w, metric)
+    moves: list[Tensor] | None = None            # the default search reports the rows it moves
+    if search is None:
+        moves = []
+        w_aug = _augment(w)
+
+        def nearest(c: Tensor, current: Tensor | None) -> Tensor:
+            return _nearest(w, c, metric, current, w_aug=w_aug, changed=moves)
+    else:
+        nearest = search(w, metric)
     if refine == "hartigan":
         x_aug = torch.cat([w, ((w64 @ metric64) * w64).sum(1, keepdim=True).to(w.dtype)], 1)   # (N, d+1)
     objective: list[float] = []
     repaired = 0
+    none = torch.zeros(0, dtype=torch.long, device=w.device)
     assignments: Tensor | None = None
     means64 = centroids.double()                  # (K, d) float64 mean of every clean cluster
     stale = torch.ones(k, dtype=torch.bool, device=w.device)   # centroid to recompute at the M-step
@@ -496,29 +566,37 @@ def fit_codebook(
         c64 = centroids.double()
         previous = assignments
         e_step = previous is None or refine == "lloyd" or lloyd_share > _LLOYD_SHARE
-        proposed = nearest(centroids, assignments) if e_step else previous.clone()
+        if moves:
+            moves.clear()
+        proposed = nearest(centroids, assignments) if e_step else previous
+        lloyd = none                              # the rows that move (ascending)
         if previous is not None and e_step:
             # a point moves only if the new centroid is strictly closer under the exact distance
-            changed = torch.nonzero(proposed != previous).flatten()
+            if moves is None:
+                changed = torch.nonzero(proposed != previous).flatten()
+            else:
+                changed = torch.cat(moves) if moves else none
             if changed.numel():
                 wc = w64[changed]
                 d_new = _quad(wc - c64[proposed[changed]], metric64)
                 d_old = _quad(wc - c64[previous[changed]], metric64)
-                kept = changed[d_old <= d_new]
+                stay = d_old <= d_new
+                kept = changed[stay]
                 proposed[kept] = previous[kept]
+                lloyd = changed[~stay]
         assignments = proposed
         if previous is None:
             sums = torch.zeros(w.shape[1], k, dtype=torch.float64, device=w.device).index_add_(
                 1, assignments, w64_t).T.contiguous()                   # (K, d) Σ of every cluster's rows
             counts = torch.bincount(assignments, minlength=k)
         else:
-            lloyd = torch.nonzero(assignments != previous).flatten()
-            stale[previous[lloyd]] = True
-            stale[assignments[lloyd]] = True
+            src, dst = previous[lloyd], assignments[lloyd]
+            stale[src] = True
+            stale[dst] = True
             lloyd_share = float(stale.double().mean())
             if lloyd.numel():
-                sums = _move_sums(sums, w64, lloyd, previous[lloyd], assignments[lloyd])
-                counts = torch.bincount(assignments, minlength=k)
+                sums = _move_sums(sums, w64, lloyd, src, dst)
+                counts = _move_counts(counts, src, dst)
         value = _sq_error(c64, sums, counts, total, metric64)
         if refine == "hartigan" and previous is not None:
             # clusters changed by the Lloyd moves above keep their (old) centroids, which
@@ -540,7 +618,7 @@ def fit_codebook(
                 recentred[dst] = m_dst.to(w.dtype)
                 r64 = recentred.double()
                 r_sums = _move_sums(sums, w64, rows, src, dst)
-                r_counts = torch.bincount(moved, minlength=k)
+                r_counts = _move_counts(counts, src, dst)
                 r_value = _sq_error(r64, r_sums, r_counts, total, metric64)
                 # the gains are exact in float64; this only guards against the rounding of
                 # the new means to the working precision
