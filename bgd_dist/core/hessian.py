@@ -20,7 +20,10 @@ Two things the pooled metric cannot do are done here:
   ``(U_jjᵀ U_jj)⁻¹`` where ``U`` is the upper Cholesky factor of the damped
   ``H⁻¹``, and the quantization error of block ``j`` is propagated to the
   columns not yet quantized (``W[:, >j] -= (W_j - Q_j) U_jj⁻¹ U_j,>j``), the
-  optimal correction of the remaining weights under ``H``;
+  optimal correction of the remaining weights under ``H``. It is run with
+  ``V = U⁻¹`` (``V Vᵀ = H + λI``, one Cholesky factorisation; the ``L x L``
+  inverse is never formed): the pass yields ``E = (W - Q) V``, whence
+  ``(W - Q) H = E Vᵀ - λ(W - Q)`` and ``f = ||E||² - λ||W - Q||²``;
 - **exact codebook update**: for fixed assignments ``f`` is a quadratic in
   the ``K·d`` centroid values; its minimiser solves ``Sᵀ H S c = Sᵀ H w``
   (``S`` the sparse decoding operator). It is solved by preconditioned
@@ -31,8 +34,10 @@ Two things the pooled metric cannot do are done here:
 
 :func:`fit_codebook_hessian` starts from the paper's solution under the pooled
 metric derived from ``H`` and alternates the two steps, keeping the best
-codebook by the exact objective. Pure torch; device and dtype follow the weight
-(the computation is float64).
+codebook by the exact objective. With rounds, every product with ``H`` goes
+through ``V`` in float32 (two triangular products, each half a dense one;
+``tr(x H xᵀ)`` needs only the first), CG's search directions and the
+objective's bookkeeping stay float64. Pure torch; device follows the weight.
 """
 
 from __future__ import annotations
@@ -162,7 +167,8 @@ def _exact_codebook(w: Tensor, op, hessian: Tensor, centroids: Tensor, assignmen
     along CG's steps (``f(x + αp) = f - 2α pᵀr + α² pᵀAp``) at no cost. Every step first computes
     ``pᵀAp`` (half a product with :class:`_Factored`) and finishes ``Ap`` only when CG goes on; CG stops
     once a step lowers the objective by less than ``stall`` times its value (0: never), when the
-    residual falls below ``tol`` times its start, or when rounding would make a step increase it."""
+    residual falls below ``tol`` times its start, or when rounding would make a step increase it (the
+    ``stall`` test from the second step on: a first preconditioned step can gain little before larger ones)."""
     k, d = centroids.shape
     n_rows, length = w.shape
     n_blocks = length // d
@@ -206,7 +212,7 @@ def _exact_codebook(w: Tensor, op, hessian: Tensor, centroids: Tensor, assignmen
             break                                # rounding: the step would not lower the objective
         x += alpha * p
         f_new = max(0.0, f + change)
-        stop = (f - f_new <= stall * f_new) or step == steps - 1
+        stop = (step > 0 and f - f_new <= stall * f_new) or step == steps - 1
         f = f_new
         if stop:
             break
@@ -395,8 +401,12 @@ def fit_codebook_hessian(
 
     The codebook with the lowest exact objective is returned. ``stall`` (0 = off) ends a
     CG solve once a step lowers the objective by less than that share, and the rounds
-    once a round lowers the best objective by less than that share; ``W H``, the
-    factorisation of the damped ``H⁻¹`` and its block factors are computed once.
+    once a round lowers the best objective by less than that share; the Cholesky factor
+    of the damped ``H`` and its block factors are computed once.
+    Long rows (``n_iter · K < LONG_ROWS · L``: one product with ``H``, ``n_rows x L x L``,
+    costs more than a third of the paper fit's EM arithmetic, e.g. the 12544-input box head
+    of a detector): step 2 is skipped when rounds follow (``objective[1] = objective[0]``),
+    at most 2 rounds run and every CG solve takes at most 2 steps.
     ``Codebook.objective`` holds the relative objective
     ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of the best codebook so far after step 1,
     step 2 and every round (non-increasing).
