@@ -85,7 +85,7 @@ def relative_output_error(weight: Tensor, decoded: Tensor, geometry: LayerGeomet
     return err / total if total > 0 else (0.0 if err == 0 else float("inf"))
 
 
-def _times_upper(x: Tensor, upper: Tensor, block: int = 512) -> Tensor:
+def _times_upper(x: Tensor, upper: Tensor, block: int = 256) -> Tensor:
     """``x @ upper`` for an upper triangular ``upper`` (L x L), skipping its zero half."""
     length = upper.shape[0]
     out = torch.empty(x.shape[0], length, dtype=x.dtype, device=x.device)
@@ -95,7 +95,7 @@ def _times_upper(x: Tensor, upper: Tensor, block: int = 512) -> Tensor:
     return out
 
 
-def _times_upper_t(x: Tensor, upper: Tensor, block: int = 512) -> Tensor:
+def _times_upper_t(x: Tensor, upper: Tensor, block: int = 256) -> Tensor:
     """``x @ upperᵀ`` for an upper triangular ``upper`` (L x L), skipping its zero half."""
     length = upper.shape[0]
     out = torch.empty(x.shape[0], length, dtype=x.dtype, device=x.device)
@@ -154,10 +154,11 @@ def exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: T
     product. CG minimises the quadratic over a growing Krylov space, so the
     objective never increases. Centroids no subvector uses are returned as given.
     """
-    return _exact_codebook(w, _Dense(hessian.to(torch.float64)), hessian, centroids, assignments, steps, tol)[0]
+    h = hessian.to(torch.float64)
+    return _exact_codebook(w, _Dense(h), diagonal_blocks(h, centroids.shape[1]), centroids, assignments, steps, tol)[0]
 
 
-def _exact_codebook(w: Tensor, op, hessian: Tensor, centroids: Tensor, assignments: Tensor, steps: int = 20,
+def _exact_codebook(w: Tensor, op, blocks: Tensor, centroids: Tensor, assignments: Tensor, steps: int = 20,
                     tol: float = 1e-10, start: tuple[Tensor, float] | None = None,
                     stall: float = 0.0) -> tuple[Tensor, float]:
     """:func:`exact_codebook` with the products ``op`` (:class:`_Dense` or :class:`_Factored`;
@@ -167,15 +168,14 @@ def _exact_codebook(w: Tensor, op, hessian: Tensor, centroids: Tensor, assignmen
     along CG's steps (``f(x + αp) = f - 2α pᵀr + α² pᵀAp``) at no cost. Every step first computes
     ``pᵀAp`` (half a product with :class:`_Factored`) and finishes ``Ap`` only when CG goes on; CG stops
     once a step lowers the objective by less than ``stall`` times its value (0: never), when the
-    residual falls below ``tol`` times its start, or when rounding would make a step increase it (the
-    ``stall`` test from the second step on: a first preconditioned step can gain little before larger ones)."""
+    residual falls below ``tol`` times its start, or when rounding would make a step increase it."""
     k, d = centroids.shape
     n_rows, length = w.shape
     n_blocks = length // d
     x = centroids.to(torch.float64).clone()
 
     # block-Jacobi preconditioner: P_k = Σ_{(j, p) assigned to k} H_jj
-    diag_blocks = diagonal_blocks(hessian, d).to(torch.float64)
+    diag_blocks = blocks.to(torch.float64)
     block_of = torch.arange(n_blocks, device=w.device).repeat_interleave(n_rows)
     counts = torch.zeros(k, n_blocks, dtype=torch.float64, device=w.device)
     counts.index_put_((assignments, block_of), torch.ones_like(block_of, dtype=torch.float64), accumulate=True)
@@ -212,7 +212,7 @@ def _exact_codebook(w: Tensor, op, hessian: Tensor, centroids: Tensor, assignmen
             break                                # rounding: the step would not lower the objective
         x += alpha * p
         f_new = max(0.0, f + change)
-        stop = (step > 0 and f - f_new <= stall * f_new) or step == steps - 1
+        stop = (f - f_new <= stall * f_new) or step == steps - 1
         f = f_new
         if stop:
             break
@@ -252,23 +252,26 @@ def auto_damp(rank: int, dim: int, base: float = 0.01, most: float = 1.0) -> flo
     return min(most, base * dim / rank)
 
 
-def _damped_cholesky(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
+def _damped_cholesky(hessian: Tensor | None, damp: float, flipped: Tensor | None = None) -> tuple[Tensor, float]:
     """(``V``, ``λ``): the upper triangular ``V`` with ``V Vᵀ = H + λI``, ``λ = damp · mean(diag H)``,
-    raised tenfold (at most 8 times) until the factorisation succeeds (singular ``H``).
+    raised tenfold (at most 8 times) until the factorisation succeeds (singular ``H``). ``flipped``:
+    ``H`` with the order of rows and columns reversed, when already built (overwritten).
 
     With ``J`` the order reversal and ``J (H + λI) J = L Lᵀ``, ``V = J L J``; ``V⁻¹`` is the upper
     Cholesky factor of ``(H + λI)⁻¹`` that GPTQ works with, never formed here."""
-    lam = damp * float(hessian.diagonal().mean())
+    if flipped is None:
+        flipped = hessian.flip(0, 1)
+    lam = damp * float(flipped.diagonal().mean())
     if lam <= 0:
         lam = 1e-12
-    flipped = hessian.flip(0, 1)
+    shift = 0.0
     for _ in range(8):
-        shifted = flipped.clone()
-        shifted.diagonal().add_(lam)
-        lower, info = torch.linalg.cholesky_ex(shifted)
-        del shifted
+        flipped.diagonal().add_(lam - shift)
+        shift = lam
+        lower, info = torch.linalg.cholesky_ex(flipped)
         if int(info) == 0 and bool(torch.isfinite(lower.diagonal()).all()):
             return lower.flip(0, 1), lam
+        del lower
         lam *= 10
     raise ValueError("the input statistics are not positive definite even with strong damping")
 
@@ -357,11 +360,13 @@ def _error_feedback(w: Tensor, centroids: Tensor, chol: Tensor, lazy: int = 128,
 LONG_ROWS = 3
 
 
-def _symmetrized(matrix: Tensor, tile: int = 512) -> tuple[Tensor, bool]:
-    """(``(M + Mᵀ) / 2`` (bitwise), whether it is finite), tile by tile so the transposed read stays in
-    cache (several times faster than the whole-matrix expression on a 12544² float64 matrix)."""
+def _symmetrized(matrix: Tensor, tile: int = 512, dtype: torch.dtype | None = None,
+                 flip: bool = False) -> tuple[Tensor, bool]:
+    """(``(M + Mᵀ) / 2`` (bitwise, then cast to ``dtype``; with ``flip`` its rows and columns in reverse
+    order), whether it is finite), tile by tile so the transposed read stays in cache (several
+    times faster than the whole-matrix expression on a 12544² float64 matrix)."""
     n = matrix.shape[0]
-    out = torch.empty_like(matrix)
+    out = torch.empty(n, n, dtype=dtype or matrix.dtype, device=matrix.device)
     finite = True
     for i0 in range(0, n, tile):
         i1 = min(n, i0 + tile)
@@ -369,9 +374,15 @@ def _symmetrized(matrix: Tensor, tile: int = 512) -> tuple[Tensor, bool]:
             j1 = min(n, j0 + tile)
             block = (matrix[i0:i1, j0:j1] + matrix[j0:j1, i0:i1].T) / 2
             finite = finite and bool(torch.isfinite(block).all())
-            out[i0:i1, j0:j1] = block
-            if j0 != i0:
-                out[j0:j1, i0:i1] = block.T
+            block = block.to(out.dtype)
+            if flip:
+                out[n - i1:n - i0, n - j1:n - j0] = block.flip(0, 1)
+                if j0 != i0:
+                    out[n - j1:n - j0, n - i1:n - i0] = block.T.flip(0, 1)
+            else:
+                out[i0:i1, j0:j1] = block
+                if j0 != i0:
+                    out[j0:j1, i0:i1] = block.T
     return out, finite
 
 
@@ -423,14 +434,23 @@ def fit_codebook_hessian(
     length = geometry.row_length
     if tuple(hessian.shape) != (length, length):
         raise ValueError(f"layer {name!r}: hessian shape {tuple(hessian.shape)} != ({length}, {length})")
-    h, finite = _symmetrized(hessian.to(device=weight.device, dtype=torch.float64))
+    h64 = hessian.to(device=weight.device, dtype=torch.float64)
+    if rounds:
+        # the error feedback and every product with H go through the Cholesky factor of the damped H,
+        # in float32: the full symmetrised H is only needed reversed, in float32
+        flipped, finite = _symmetrized(h64, dtype=torch.float32, flip=True)
+        h = None
+    else:
+        h, finite = _symmetrized(h64)
     if not finite:
         raise ValueError(f"layer {name!r}: the statistics contain NaN or inf")
-    if float(h.diagonal().sum()) <= 0:
+    blocks = diagonal_blocks(h64, block_size)
+    blocks = (blocks + blocks.transpose(1, 2)) / 2             # the diagonal blocks of (H + Hᵀ) / 2
+    if float(h64.diagonal().sum()) <= 0:
         # the layer never sees a non-zero input: every codebook is exact; keep the weights-only fit
         cb = fit_codebook(weight, geometry, None, n_centroids, block_size, n_iter, init, seed, name, refine)
         return Codebook(cb.centroids, cb.assignments, (0.0, 0.0), cb.n_empty_repaired)
-    base = fit_codebook(weight, geometry, pooled_metric(h, block_size), n_centroids, block_size, n_iter, init,
+    base = fit_codebook(weight, geometry, blocks.mean(0), n_centroids, block_size, n_iter, init,
                         seed, name, refine)
     w = weight_matrix(weight.detach(), geometry).to(torch.float64)
     n_rows = w.shape[0]
@@ -441,8 +461,8 @@ def fit_codebook_hessian(
     if long_rows:
         rounds, cg_steps = min(rounds, 2), min(cg_steps, 2)
     if rounds:
-        # float32, as GPTQ; V also carries every product with H below (two triangular halves)
-        chol, lam = _damped_cholesky(h.float(), damp)
+        chol, lam = _damped_cholesky(None, damp, flipped=flipped)    # float32, as GPTQ
+        del flipped
         factors = block_factors(chol, block_size)
         op = _Factored(chol, lam)
     else:
@@ -459,7 +479,7 @@ def fit_codebook_hessian(
     best = value / total
     history = [best]
     if not (rounds and long_rows):
-        c, value = _exact_codebook(w, op, h, best_c, best_a, cg_steps, start=(op.finish(diff, state), value),
+        c, value = _exact_codebook(w, op, blocks, best_c, best_a, cg_steps, start=(op.finish(diff, state), value),
                                    stall=stall)
         value /= total
         if value < best:
@@ -476,7 +496,7 @@ def fit_codebook_hessian(
             y = _times_upper_t(err, chol)
             y -= lam * diff                                     # D H
             del err, diff
-            current, value = _exact_codebook(w, op, h, current, a, cg_steps, start=(y, value), stall=stall)
+            current, value = _exact_codebook(w, op, blocks, current, a, cg_steps, start=(y, value), stall=stall)
             del y
             value /= total
             if value < best:
