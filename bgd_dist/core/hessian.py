@@ -417,7 +417,7 @@ def fit_codebook_hessian(
     Long rows (``n_iter · K < LONG_ROWS · L``: one product with ``H``, ``n_rows x L x L``,
     costs more than a third of the paper fit's EM arithmetic, e.g. the 12544-input box head
     of a detector): step 2 is skipped when rounds follow (``objective[1] = objective[0]``),
-    at most 2 rounds run and every CG solve takes at most 2 steps.
+    at most 2 rounds run, the first with at most 2 CG steps, the second with 1.
     ``Codebook.objective`` holds the relative objective
     ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of the best codebook so far after step 1,
     step 2 and every round (non-increasing).
@@ -456,10 +456,10 @@ def fit_codebook_hessian(
     n_rows = w.shape[0]
     # long rows: a product with H (n_rows x L x L) costs L / K EM iterations of the paper fit
     # (n_rows x L x K each); where fewer than LONG_ROWS of them fit in the paper fit, the refinement
-    # is shortened (no exact update of the paper's own assignment, at most 2 rounds of at most 2 CG steps)
+    # is shortened (no exact update of the paper's own assignment; at most 2 rounds, of at most 2 and 1 CG steps)
     long_rows = n_iter * base.centroids.shape[0] < LONG_ROWS * length
     if long_rows:
-        rounds, cg_steps = min(rounds, 2), min(cg_steps, 2)
+        rounds = min(rounds, 2)
     if rounds:
         chol, lam = _damped_cholesky(None, damp, flipped=flipped)    # float32, as GPTQ
         del flipped
@@ -489,14 +489,15 @@ def fit_codebook_hessian(
     del diff, state
     if rounds:
         current = best_c
-        for _ in range(rounds):
+        for i in range(rounds):
             before = best
+            steps = min(cg_steps, 1 if i else 2) if long_rows else cg_steps
             a, err, diff = _error_feedback(w, current, chol, factors=factors)
             value = _sq(err) - lam * _sq(diff)                  # tr(D H Dᵀ) = ||D V||² - λ||D||²
             y = _times_upper_t(err, chol)
             y -= lam * diff                                     # D H
             del err, diff
-            current, value = _exact_codebook(w, op, blocks, current, a, cg_steps, start=(y, value), stall=stall)
+            current, value = _exact_codebook(w, op, blocks, current, a, steps, start=(y, value), stall=stall)
             del y
             value /= total
             if value < best:
