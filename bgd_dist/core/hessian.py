@@ -20,7 +20,10 @@ Two things the pooled metric cannot do are done here:
   ``(U_jjᵀ U_jj)⁻¹`` where ``U`` is the upper Cholesky factor of the damped
   ``H⁻¹``, and the quantization error of block ``j`` is propagated to the
   columns not yet quantized (``W[:, >j] -= (W_j - Q_j) U_jj⁻¹ U_j,>j``), the
-  optimal correction of the remaining weights under ``H``;
+  optimal correction of the remaining weights under ``H``. It is run with
+  ``V = U⁻¹`` (``V Vᵀ = H + λI``, one Cholesky factorisation; the ``L x L``
+  inverse is never formed): the pass yields ``E = (W - Q) V``, whence
+  ``(W - Q) H = E Vᵀ - λ(W - Q)`` and ``f = ||E||² - λ||W - Q||²``;
 - **exact codebook update**: for fixed assignments ``f`` is a quadratic in
   the ``K·d`` centroid values; its minimiser solves ``Sᵀ H S c = Sᵀ H w``
   (``S`` the sparse decoding operator). It is solved by preconditioned
@@ -31,8 +34,10 @@ Two things the pooled metric cannot do are done here:
 
 :func:`fit_codebook_hessian` starts from the paper's solution under the pooled
 metric derived from ``H`` and alternates the two steps, keeping the best
-codebook by the exact objective. Pure torch; device and dtype follow the weight
-(the computation is float64).
+codebook by the exact objective. With rounds, every product with ``H`` goes
+through ``V`` in float32 (two triangular products, each half a dense one;
+``tr(x H xᵀ)`` needs only the first), CG's search directions and the
+objective's bookkeeping stay float64. Pure torch; device follows the weight.
 """
 
 from __future__ import annotations
@@ -80,6 +85,65 @@ def relative_output_error(weight: Tensor, decoded: Tensor, geometry: LayerGeomet
     return err / total if total > 0 else (0.0 if err == 0 else float("inf"))
 
 
+def _times_upper(x: Tensor, upper: Tensor, block: int = 256) -> Tensor:
+    """``x @ upper`` for an upper triangular ``upper`` (L x L), skipping its zero half."""
+    length = upper.shape[0]
+    out = torch.empty(x.shape[0], length, dtype=x.dtype, device=x.device)
+    for c0 in range(0, length, block):
+        c1 = min(length, c0 + block)
+        out[:, c0:c1] = x[:, :c1] @ upper[:c1, c0:c1]
+    return out
+
+
+def _times_upper_t(x: Tensor, upper: Tensor, block: int = 256) -> Tensor:
+    """``x @ upperᵀ`` for an upper triangular ``upper`` (L x L), skipping its zero half."""
+    length = upper.shape[0]
+    out = torch.empty(x.shape[0], length, dtype=x.dtype, device=x.device)
+    for c0 in range(0, length, block):
+        c1 = min(length, c0 + block)
+        out[:, c0:c1] = x[:, c0:] @ upper[c0:c1, c0:].T
+    return out
+
+
+def _sq(x: Tensor) -> float:
+    """``Σ x²`` accumulated in float64."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+
+
+class _Dense:
+    """Products with ``H`` itself (float64): ``x H`` and ``tr(x H xᵀ)``."""
+
+    def __init__(self, hessian: Tensor):
+        self.h = hessian
+
+    def quad(self, x: Tensor) -> tuple[Tensor, float]:
+        y = x @ self.h
+        return y, float((y * x).sum())
+
+    def finish(self, x: Tensor, state: Tensor) -> Tensor:
+        return state
+
+
+class _Factored:
+    """Products with ``H = V Vᵀ - λI`` through the upper Cholesky factor ``V`` of the damped ``H``
+    (float32, as the error feedback): ``tr(x H xᵀ) = ||x V||² - λ||x||²`` costs one triangular product
+    (half a dense one), ``x H = (x V) Vᵀ - λx`` a second one, computed only when needed."""
+
+    def __init__(self, chol: Tensor, lam: float):
+        self.v, self.lam = chol, lam
+
+    def quad(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], float]:
+        x32 = x.to(self.v.dtype)
+        t = _times_upper(x32, self.v)
+        return (x32, t), _sq(t) - self.lam * _sq(x32)
+
+    def finish(self, x: Tensor, state: tuple[Tensor, Tensor]) -> Tensor:
+        x32, t = state
+        y = _times_upper_t(t, self.v)
+        y -= self.lam * x32
+        return y.to(torch.float64)
+
+
 def exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: Tensor,
                    steps: int = 20, tol: float = 1e-10) -> Tensor:
     """Centroids minimising ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` for fixed ``assignments``.
@@ -90,66 +154,72 @@ def exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: T
     product. CG minimises the quadratic over a growing Krylov space, so the
     objective never increases. Centroids no subvector uses are returned as given.
     """
-    return _exact_codebook(w, hessian, centroids, assignments, steps, tol)[0]
+    h = hessian.to(torch.float64)
+    return _exact_codebook(w, _Dense(h), diagonal_blocks(h, centroids.shape[1]), centroids, assignments, steps, tol)[0]
 
 
-def _exact_codebook(w: Tensor, hessian: Tensor, centroids: Tensor, assignments: Tensor, steps: int = 20,
-                    tol: float = 1e-10, wh: Tensor | None = None, total: float | None = None,
-                    stall: float = 0.0) -> tuple[Tensor, float | None]:
-    """:func:`exact_codebook`, plus: ``wh`` = ``w @ hessian`` when already known (the right-hand
-    side needs no product then); with ``total`` = ``tr(W H Wᵀ)`` given, the objective
-    ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` of the result is returned as well, at no cost
-    (``total - bᵀx - rᵀx`` from CG's residual ``r = b - Ax``), and CG stops once a step lowers
-    it by less than ``stall`` times its value (0: never). The products stay float64: with a
-    singular ``H``, float32 products let the iterates drift along its null space."""
+def _exact_codebook(w: Tensor, op, blocks: Tensor, centroids: Tensor, assignments: Tensor, steps: int = 20,
+                    tol: float = 1e-10, start: tuple[Tensor, float] | None = None,
+                    stall: float = 0.0) -> tuple[Tensor, float]:
+    """:func:`exact_codebook` with the products ``op`` (:class:`_Dense` or :class:`_Factored`;
+    ``hessian`` only gives the preconditioner's diagonal blocks), and: ``start`` =
+    (``(W - Ŵ) H``, ``tr((W - Ŵ) H (W - Ŵ)ᵀ)``) at the start point when already known (from the
+    error feedback); returns the objective ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` of the result as well, tracked
+    along CG's steps (``f(x + αp) = f - 2α pᵀr + α² pᵀAp``) at no cost. Every step first computes
+    ``pᵀAp`` (half a product with :class:`_Factored`) and finishes ``Ap`` only when CG goes on; CG stops
+    once a step lowers the objective by less than ``stall`` times its value (0: never), when the
+    residual falls below ``tol`` times its start, or when rounding would make a step increase it."""
     k, d = centroids.shape
     n_rows, length = w.shape
     n_blocks = length // d
     x = centroids.to(torch.float64).clone()
 
-    def apply(c: Tensor) -> Tensor:
-        return _adjoint(decode_matrix(c, assignments, n_rows) @ hessian, assignments, k)
-
-    def value(r: Tensor) -> float | None:
-        return None if total is None else max(0.0, total - float((b * x).sum()) - float((r * x).sum()))
-
     # block-Jacobi preconditioner: P_k = Σ_{(j, p) assigned to k} H_jj
-    diag_blocks = diagonal_blocks(hessian, d)
+    diag_blocks = blocks.to(torch.float64)
     block_of = torch.arange(n_blocks, device=w.device).repeat_interleave(n_rows)
     counts = torch.zeros(k, n_blocks, dtype=torch.float64, device=w.device)
     counts.index_put_((assignments, block_of), torch.ones_like(block_of, dtype=torch.float64), accumulate=True)
     precond = torch.einsum("kj,jab->kab", counts, diag_blocks)
-    ridge = 1e-9 * float(hessian.diagonal().mean().abs()) + 1e-300
+    ridge = 1e-9 * float(diag_blocks.diagonal(dim1=1, dim2=2).mean().abs()) + 1e-300
     eye = torch.eye(d, dtype=torch.float64, device=w.device)
     precond_inv = torch.linalg.pinv(precond + ridge * eye, hermitian=True)
     used = counts.sum(1) > 0
 
-    b = _adjoint(w @ hessian if wh is None else wh, assignments, k)
-    r = b - apply(x)
+    if start is None:
+        diff = w - decode_matrix(x, assignments, n_rows)
+        state, f = op.quad(diff)
+        y = op.finish(diff, state)
+    else:
+        y, f = start
+    r = _adjoint(y.to(torch.float64), assignments, k)
     r[~used] = 0
-    b_norm = float(b.norm())
-    f = value(r)
-    if b_norm == 0 or float(r.norm()) <= tol * b_norm:
+    r0_norm = float(r.norm())
+    if r0_norm == 0:
         return x, f
     z = torch.bmm(precond_inv, r.unsqueeze(2)).squeeze(2)
     p = z.clone()
     rz = float((r * z).sum())
-    for _ in range(steps):
-        ap = apply(p)
-        pap = float((p * ap).sum())
-        if pap <= 0 or rz <= 0:
+    for step in range(steps):
+        if rz <= 0:
+            break
+        big_p = decode_matrix(p, assignments, n_rows)
+        state, pap = op.quad(big_p)
+        if not pap > 0:
             break
         alpha = rz / pap
+        change = -2 * alpha * float((p * r).sum()) + alpha * alpha * pap
+        if not change < 0:
+            break                                # rounding: the step would not lower the objective
         x += alpha * p
-        r -= alpha * ap
-        f_new = value(r)
-        if float(r.norm()) <= tol * b_norm:
-            f = f_new
-            break
-        if f is not None and f - f_new <= stall * f_new:
-            f = f_new
-            break
+        f_new = max(0.0, f + change)
+        stop = (f - f_new <= stall * f_new) or step == steps - 1
         f = f_new
+        if stop:
+            break
+        ap = _adjoint(op.finish(big_p, state), assignments, k)
+        r -= alpha * ap
+        if float(r.norm()) <= tol * r0_norm:
+            break
         z = torch.bmm(precond_inv, r.unsqueeze(2)).squeeze(2)
         rz_new = float((r * z).sum())
         p = z + (rz_new / rz) * p
@@ -182,27 +252,42 @@ def auto_damp(rank: int, dim: int, base: float = 0.01, most: float = 1.0) -> flo
     return min(most, base * dim / rank)
 
 
-def damped_inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + λ I)⁻¹``, ``λ = damp · mean(diag H)``.
+def _damped_cholesky(hessian: Tensor | None, damp: float, flipped: Tensor | None = None) -> tuple[Tensor, float]:
+    """(``V``, ``λ``): the upper triangular ``V`` with ``V Vᵀ = H + λI``, ``λ = damp · mean(diag H)``,
+    raised tenfold (at most 8 times) until the factorisation succeeds (singular ``H``). ``flipped``:
+    ``H`` with the order of rows and columns reversed, when already built (overwritten).
 
-    With ``J`` the order reversal and ``J (H + λI) J = L Lᵀ``, ``U = J L⁻¹ J`` (upper
-    triangular, positive diagonal, ``UᵀU = (H + λI)⁻¹``): one Cholesky factorisation
-    and one triangular inverse, instead of factorising, inverting and factorising again.
-    """
-    length = hessian.shape[0]
-    lam = damp * float(hessian.diagonal().mean())
+    With ``J`` the order reversal and ``J (H + λI) J = L Lᵀ``, ``V = J L J``; ``V⁻¹`` is the upper
+    Cholesky factor of ``(H + λI)⁻¹`` that GPTQ works with, never formed here."""
+    if flipped is None:
+        flipped = hessian.flip(0, 1)
+    lam = damp * float(flipped.diagonal().mean())
     if lam <= 0:
         lam = 1e-12
-    eye = torch.eye(length, dtype=hessian.dtype, device=hessian.device)
-    flipped = hessian.flip(0, 1)
-    for _ in range(8):  # raise the damping until the factorisation succeeds (singular H)
-        lower, info = torch.linalg.cholesky_ex(flipped + lam * eye)
-        if int(info) == 0:
-            inv = torch.linalg.solve_triangular(lower, eye, upper=False)
-            if bool(torch.isfinite(inv).all()):
-                return inv.flip(0, 1)
+    shift = 0.0
+    for _ in range(8):
+        flipped.diagonal().add_(lam - shift)
+        shift = lam
+        lower, info = torch.linalg.cholesky_ex(flipped)
+        if int(info) == 0 and bool(torch.isfinite(lower.diagonal()).all()):
+            return lower.flip(0, 1), lam
+        del lower
         lam *= 10
     raise ValueError("the input statistics are not positive definite even with strong damping")
+
+
+def damped_cholesky(hessian: Tensor, damp: float) -> Tensor:
+    """Upper triangular ``V`` with ``V Vᵀ = H + λI``, ``λ = damp · mean(diag H)`` (raised while the
+    factorisation fails); ``V⁻¹`` is the upper Cholesky factor of the damped ``H⁻¹``. In ``hessian``'s dtype."""
+    return _damped_cholesky(hessian, damp)[0]
+
+
+def damped_inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹``, ``λ = damp · mean(diag H)``: ``U = V⁻¹`` with
+    ``V`` of :func:`damped_cholesky` (the fit itself works with ``V`` and never forms ``U``)."""
+    upper = damped_cholesky(hessian, damp)
+    eye = torch.eye(upper.shape[0], dtype=upper.dtype, device=upper.device)
+    return torch.linalg.solve_triangular(upper, eye, upper=True)
 
 
 def block_factors(upper: Tensor, block_size: int) -> Tensor:
@@ -213,46 +298,92 @@ def block_factors(upper: Tensor, block_size: int) -> Tensor:
     return torch.linalg.solve_triangular(blocks, eye, upper=True)
 
 
-def error_feedback_assign(w: Tensor, centroids: Tensor, upper: Tensor, lazy: int = 128,
+def error_feedback_assign(w: Tensor, centroids: Tensor, chol: Tensor, lazy: int = 128,
                           factors: Tensor | None = None) -> Tensor:
     """GPTQ-style assignment of every block to a centroid, propagating each block's error.
 
-    w: (n_rows, L) float64 (not modified); centroids: (K, d); upper: the
-    upper Cholesky factor of the damped ``H⁻¹``; factors: :func:`block_factors` of
-    ``upper`` when already known. Blocks are processed left to
-    right; block ``j`` of every row goes to the centroid nearest under
-    ``(U_jjᵀ U_jj)⁻¹`` (the loss of quantizing it when the later columns are
-    re-optimised), and the later columns absorb the error. Updates to columns
-    beyond the current ``lazy``-column window are applied once per window.
-    The pass runs in ``upper``'s dtype (float32 is what GPTQ uses, and half the time).
+    w: (n_rows, L) float64 (not modified); centroids: (K, d); chol: :func:`damped_cholesky`
+    ``V`` of ``H`` (``V⁻¹ = U``, GPTQ's upper Cholesky factor of the damped ``H⁻¹``); factors:
+    :func:`block_factors` of ``V`` when already known. Blocks are processed left to right;
+    block ``j`` of every row goes to the centroid nearest under ``(U_jjᵀ U_jj)⁻¹ = V_jj V_jjᵀ``
+    (the loss of quantizing it when the later columns are re-optimised), and the later columns
+    absorb the error. Updates to columns beyond the current ``lazy``-column window are applied
+    once per window. The pass runs in ``chol``'s dtype (float32 is what GPTQ uses, and half the time).
     Returns block-major assignments (n_blocks * n_rows,).
     """
+    return _error_feedback(w, centroids, chol, lazy, factors)[0]
+
+
+def _error_feedback(w: Tensor, centroids: Tensor, chol: Tensor, lazy: int = 128,
+                    factors: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`error_feedback_assign`, returning (assignments, ``E``, ``D``) with ``D = W - Q`` the
+    quantization error and ``E = D V`` (so ``D H = E Vᵀ - λD`` and ``tr(D H Dᵀ) = ||E||² - λ||D||²``).
+
+    GPTQ updates ``W_j ← W_j - Σ_{i<j} E_i U_ij`` with ``E_j = (W_j - Q_j) U_jj⁻¹`` for the
+    updated ``W_j``; since ``W - Q = E U`` (original ``W``), ``E = (W - Q) V`` and the updated
+    block is ``W_j + R_j V_jj⁻¹`` with ``R_j = Σ_{i<j} D_i V_ij``: the same pass run with ``V``,
+    without inverting the ``L x L`` factor."""
     n_rows, length = w.shape
     d = centroids.shape[1]
     n_blocks = length // d
-    dtype = upper.dtype
+    dtype = chol.dtype
     c = centroids.to(dtype)
     if factors is None:
-        factors = block_factors(upper, d)
-    local = factors @ factors.transpose(1, 2)                            # (n_blocks, d, d): (U_jjᵀ U_jj)⁻¹
-    w = w.to(dtype, copy=True)
+        factors = block_factors(chol, d)                                 # V_jj⁻¹
+    diag = diagonal_blocks(chol, d)                                      # V_jj = U_jj⁻¹
+    local = diag @ diag.transpose(1, 2)                                  # (U_jjᵀ U_jj)⁻¹
+    w = w.to(dtype)
+    err = torch.empty(n_rows, length, dtype=dtype, device=w.device)     # E = D V
+    diff = torch.empty(n_rows, length, dtype=dtype, device=w.device)    # D = W - Q
     out = torch.empty(n_blocks, n_rows, dtype=torch.long, device=w.device)
     window = max(1, lazy // d) * d
     for w0 in range(0, length, window):
         w1 = min(length, w0 + window)
-        errors = torch.empty(n_rows, w1 - w0, dtype=dtype, device=w.device)
+        # R for the window from every earlier window at once (left-looking: one GEMM, no read-modify-write
+        # of all later columns per window)
+        acc = diff[:, :w0] @ chol[:w0, w0:w1] if w0 else torch.zeros(n_rows, w1, dtype=dtype, device=w.device)
         for s in range(w0, w1, d):
             e = s + d
             j = s // d
-            a = _nearest(w[:, s:e], c, local[j])
+            target = w[:, s:e] + acc[:, s - w0:e - w0] @ factors[j]
+            a = _nearest(target, c, local[j])
             out[j] = a
-            err = (w[:, s:e] - c[a]) @ factors[j]                        # (n_rows, d)
-            errors[:, s - w0:e - w0] = err
+            q = c[a]
+            diff[:, s:e] = w[:, s:e] - q
+            err[:, s:e] = (target - q) @ diag[j]
             if e < w1:
-                w[:, e:w1] -= err @ upper[s:e, e:w1]
-        if w1 < length:
-            w[:, w1:] -= errors @ upper[w0:w1, w1:]
-    return out.reshape(-1)
+                acc[:, e - w0:] += diff[:, s:e] @ chol[s:e, e:w1]
+    return out.reshape(-1), err, diff
+
+
+#: the refinement is shortened where fewer than this many products with H fit in the paper fit's EM arithmetic
+LONG_ROWS = 3
+
+
+def _symmetrized(matrix: Tensor, tile: int = 512, dtype: torch.dtype | None = None,
+                 flip: bool = False) -> tuple[Tensor, bool]:
+    """(``(M + Mᵀ) / 2`` (bitwise, then cast to ``dtype``; with ``flip`` its rows and columns in reverse
+    order), whether it is finite), tile by tile so the transposed read stays in cache (several
+    times faster than the whole-matrix expression on a 12544² float64 matrix)."""
+    n = matrix.shape[0]
+    out = torch.empty(n, n, dtype=dtype or matrix.dtype, device=matrix.device)
+    finite = True
+    for i0 in range(0, n, tile):
+        i1 = min(n, i0 + tile)
+        for j0 in range(i0, n, tile):
+            j1 = min(n, j0 + tile)
+            block = (matrix[i0:i1, j0:j1] + matrix[j0:j1, i0:i1].T) / 2
+            finite = finite and bool(torch.isfinite(block).all())
+            block = block.to(out.dtype)
+            if flip:
+                out[n - i1:n - i0, n - j1:n - j0] = block.flip(0, 1)
+                if j0 != i0:
+                    out[n - j1:n - j0, n - i1:n - i0] = block.T.flip(0, 1)
+            else:
+                out[i0:i1, j0:j1] = block
+                if j0 != i0:
+                    out[j0:j1, i0:i1] = block.T
+    return out, finite
 
 
 def fit_codebook_hessian(
@@ -281,8 +412,12 @@ def fit_codebook_hessian(
 
     The codebook with the lowest exact objective is returned. ``stall`` (0 = off) ends a
     CG solve once a step lowers the objective by less than that share, and the rounds
-    once a round lowers the best objective by less than that share; ``W H``, the
-    factorisation of the damped ``H⁻¹`` and its block factors are computed once.
+    once a round lowers the best objective by less than that share; the Cholesky factor
+    of the damped ``H`` and its block factors are computed once.
+    Long rows (``n_iter · K < LONG_ROWS · L``: one product with ``H``, ``n_rows x L x L``,
+    costs more than a third of the paper fit's EM arithmetic, e.g. the 12544-input box head
+    of a detector): step 2 is skipped when rounds follow (``objective[1] = objective[0]``),
+    at most 2 rounds run, the first with at most 2 CG steps, the second with 1.
     ``Codebook.objective`` holds the relative objective
     ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of the best codebook so far after step 1,
     step 2 and every round (non-increasing).
@@ -299,41 +434,71 @@ def fit_codebook_hessian(
     length = geometry.row_length
     if tuple(hessian.shape) != (length, length):
         raise ValueError(f"layer {name!r}: hessian shape {tuple(hessian.shape)} != ({length}, {length})")
-    if not torch.isfinite(hessian).all():
+    h64 = hessian.to(device=weight.device, dtype=torch.float64)
+    if rounds:
+        # the error feedback and every product with H go through the Cholesky factor of the damped H,
+        # in float32: the full symmetrised H is only needed reversed, in float32
+        flipped, finite = _symmetrized(h64, dtype=torch.float32, flip=True)
+        h = None
+    else:
+        h, finite = _symmetrized(h64)
+    if not finite:
         raise ValueError(f"layer {name!r}: the statistics contain NaN or inf")
-    h = hessian.to(device=weight.device, dtype=torch.float64)
-    h = (h + h.T) / 2
-    if float(h.diagonal().sum()) <= 0:
+    blocks = diagonal_blocks(h64, block_size)
+    blocks = (blocks + blocks.transpose(1, 2)) / 2             # the diagonal blocks of (H + Hᵀ) / 2
+    if float(h64.diagonal().sum()) <= 0:
         # the layer never sees a non-zero input: every codebook is exact; keep the weights-only fit
         cb = fit_codebook(weight, geometry, None, n_centroids, block_size, n_iter, init, seed, name, refine)
         return Codebook(cb.centroids, cb.assignments, (0.0, 0.0), cb.n_empty_repaired)
-    base = fit_codebook(weight, geometry, pooled_metric(h, block_size), n_centroids, block_size, n_iter, init,
+    base = fit_codebook(weight, geometry, blocks.mean(0), n_centroids, block_size, n_iter, init,
                         seed, name, refine)
     w = weight_matrix(weight.detach(), geometry).to(torch.float64)
     n_rows = w.shape[0]
-    wh = w @ h                                    # once per layer: every right-hand side
-    total = float((w * wh).sum())                 # tr(W H Wᵀ)
-    if total <= 0:
+    # long rows: a product with H (n_rows x L x L) costs L / K EM iterations of the paper fit
+    # (n_rows x L x K each); where fewer than LONG_ROWS of them fit in the paper fit, the refinement
+    # is shortened (no exact update of the paper's own assignment; at most 2 rounds, of at most 2 and 1 CG steps)
+    long_rows = n_iter * base.centroids.shape[0] < LONG_ROWS * length
+    if long_rows:
+        rounds = min(rounds, 2)
+    if rounds:
+        chol, lam = _damped_cholesky(None, damp, flipped=flipped)    # float32, as GPTQ
+        del flipped
+        factors = block_factors(chol, block_size)
+        op = _Factored(chol, lam)
+    else:
+        op = _Dense(h)
+    _, total = op.quad(w)                                       # tr(W H Wᵀ)
+    noise = 1e-5 * (total + lam * _sq(w)) if rounds else 0.0   # float32 rounding of ||W V||²
+    if total <= noise:
         # the layer's output is zero on every input (zero weights, or weights only where H has no
         # variance): nothing to improve on the paper's codebook
         return Codebook(base.centroids, base.assignments, (0.0, 0.0), base.n_empty_repaired)
-    h32 = h.float()                               # the GPTQ pass: float32
     best_c, best_a = base.centroids.to(torch.float64), base.assignments
-    best = output_error(w, decode_matrix(best_c, best_a, n_rows), h) / total
+    diff = w - decode_matrix(best_c, best_a, n_rows)
+    state, value = op.quad(diff)
+    best = value / total
     history = [best]
-    c, value = _exact_codebook(w, h, best_c, best_a, cg_steps, wh=wh, total=total, stall=stall)
-    value /= total
-    if value < best:
-        best, best_c = value, c
+    if not (rounds and long_rows):
+        c, value = _exact_codebook(w, op, blocks, best_c, best_a, cg_steps, start=(op.finish(diff, state), value),
+                                   stall=stall)
+        value /= total
+        if value < best:
+            best, best_c = value, c
+    # (long rows: the first round starts from the paper's codebook)
     history.append(best)
+    del diff, state
     if rounds:
-        upper = damped_inverse_cholesky(h32, damp)     # float32, as GPTQ
-        factors = block_factors(upper, block_size)
         current = best_c
-        for _ in range(rounds):
+        for i in range(rounds):
             before = best
-            a = error_feedback_assign(w, current, upper, factors=factors)
-            current, value = _exact_codebook(w, h, current, a, cg_steps, wh=wh, total=total, stall=stall)
+            steps = min(cg_steps, 1 if i else 2) if long_rows else cg_steps
+            a, err, diff = _error_feedback(w, current, chol, factors=factors)
+            value = _sq(err) - lam * _sq(diff)                  # tr(D H Dᵀ) = ||D V||² - λ||D||²
+            y = _times_upper_t(err, chol)
+            y -= lam * diff                                     # D H
+            del err, diff
+            current, value = _exact_codebook(w, op, blocks, current, a, steps, start=(y, value), stall=stall)
+            del y
             value /= total
             if value < best:
                 best, best_c, best_a = value, current, a
@@ -345,5 +510,6 @@ def fit_codebook_hessian(
     return Codebook(centroids, best_a, tuple(history), base.n_empty_repaired)
 
 
-__all__ = ["fit_codebook_hessian", "exact_codebook", "error_feedback_assign", "damped_inverse_cholesky", "block_factors",
+__all__ = ["fit_codebook_hessian", "exact_codebook", "error_feedback_assign", "damped_cholesky", "damped_inverse_cholesky",
+           "block_factors",
            "pooled_metric", "decode_matrix", "relative_output_error", "output_error", "effective_rank", "auto_damp"]
