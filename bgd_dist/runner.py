@@ -507,7 +507,8 @@ def teacher_target(r: Run, st: Stage, l, weight):
     teacher`` the target ``W*`` of :class:`~bgd_dist.core.stats.TeacherTargetStats` (the fit
     then reproduces the teacher's outputs from the student's inputs). A layer whose inputs
     could not be paired with the teacher's, or whose relative input error exceeds
-    ``hessian.max_input_error``, keeps ``weight`` (logged)."""
+    ``hessian.max_input_error``, keeps ``weight`` (logged; the layers ``hessian.teacher_match``
+    leaves out never collect the paired statistics, :func:`stats_kind`)."""
     from .core.layouts import weight_from_matrix, weight_matrix
 
     stats = st.stats.get(l.name)
@@ -526,11 +527,10 @@ def teacher_target(r: Run, st: Stage, l, weight):
         log.warning("%s %s: fitted to its own weights, not the teacher's outputs: %s", st.label, l.name, why)
         extra["target"] = "weights"
         return weight
-    damp = layer_damp(h.damp, stats.metric())
-    target = stats.target_weight(weight_matrix(weight, l.geometry), damp)
+    w = weight_matrix(weight, l.geometry).double()
+    target = stats.target_weight(w, layer_damp(h.damp, stats.metric()))
     extra["target"] = "teacher"
-    extra["target_shift"] = float((target - weight_matrix(weight, l.geometry).double()).pow(2).sum()
-                                  / weight.double().pow(2).sum().clamp_min(1e-300))
+    extra["target_shift"] = float((target - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-300))
     return weight_from_matrix(target.to(weight.dtype), l.geometry)
 
 

@@ -282,6 +282,22 @@ def damped_cholesky(hessian: Tensor, damp: float) -> Tensor:
     return _damped_cholesky(hessian, damp)[0]
 
 
+def teacher_target_weight(w: Tensor, hessian: Tensor, cross: Tensor, damp: float) -> Tensor:
+    """``W* = W + W Dᵀ (H + λI)⁻¹`` with ``D = C − H`` (float64): the weight whose outputs on the
+    student's inputs best reproduce the teacher's (``quantize.hessian.target: teacher``;
+    :class:`~bgd_dist.core.stats.TeacherTargetStats`). ``w`` (n_rows, L); ``hessian`` ``H = Σ x̃ x̃ᵀ``
+    and ``cross`` ``C = Σ x̃ xᵀ`` (L x L); ``λ`` as in the fit (:func:`damped_cholesky`), so ``W* = W``
+    exactly where the inputs agree (``C = H``)."""
+    h = hessian.to(torch.float64)
+    w = w.to(device=h.device, dtype=torch.float64)
+    upper = damped_cholesky(h, damp)                       # V Vᵀ = H + λI
+    rhs = (cross.to(h) - h) @ w.T                          # D Wᵀ
+    # (H + λI)⁻¹ D Wᵀ = V⁻ᵀ V⁻¹ D Wᵀ; H and the damping are symmetric, so this is (W Dᵀ (H + λI)⁻¹)ᵀ
+    solved = torch.linalg.solve_triangular(upper.T, torch.linalg.solve_triangular(upper, rhs, upper=True),
+                                           upper=False)
+    return w + solved.T
+
+
 def damped_inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹``, ``λ = damp · mean(diag H)``: ``U = V⁻¹`` with
     ``V`` of :func:`damped_cholesky` (the fit itself works with ``V`` and never forms ``U``)."""
@@ -511,5 +527,5 @@ def fit_codebook_hessian(
 
 
 __all__ = ["fit_codebook_hessian", "exact_codebook", "error_feedback_assign", "damped_cholesky", "damped_inverse_cholesky",
-           "block_factors",
+           "block_factors", "teacher_target_weight",
            "pooled_metric", "decode_matrix", "relative_output_error", "output_error", "effective_rank", "auto_damp"]

@@ -19,6 +19,7 @@ workers, the driver) never depend on which one a layer uses:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from typing import ClassVar
 
 import torch
@@ -186,19 +187,32 @@ class HessianStats(_SummedMatrix):
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
-        if not torch.isfinite(x).all():
+        self._accumulate(x)
+
+    def _accumulate(self, x: Tensor, x_teacher: Tensor | None = None) -> None:
+        """Add the input rows of ``x`` to ``H``; with ``x_teacher`` (same shape), also hand every chunk of
+        rows and the teacher's rows at the same positions to :meth:`_add_pair`."""
+        if not torch.isfinite(x).all() or (x_teacher is not None and not torch.isfinite(x_teacher).all()):
             raise ValueError(f"layer {self.layer!r}: non-finite values in the layer input")
         length = self.geometry.row_length
         # bounded chunks: at most ~32 MB of float64 rows at a time
         max_rows = max(1, min(self.max_rows, (1 << 22) // length))
         hessian = self.hessian.to(x.device)
         n_blocks = length // self.block_size
-        for rows in input_rows(x, self.geometry, max_rows, self.layer):
+        chunks = input_rows(x, self.geometry, max_rows, self.layer)
+        teacher = (repeat(None) if x_teacher is None
+                   else input_rows(x_teacher.to(x.device), self.geometry, max_rows, self.layer))
+        for rows, rows_t in zip(chunks, teacher):
             r64 = rows.to(torch.float64)
             hessian.addmm_(r64.T, r64)
+            if rows_t is not None:
+                self._add_pair(r64, rows_t.to(torch.float64))
             self.n_inputs += rows.shape[0]
             self.n_rows += rows.shape[0] * n_blocks
         self.hessian = hessian
+
+    def _add_pair(self, rows: Tensor, rows_teacher: Tensor) -> None:
+        raise TypeError(f"layer {self.layer!r}: {type(self).__name__} does not pair inputs with the teacher's")
 
     def metric(self) -> Tensor:
         """``E[x xᵀ]``: the ``L x L`` Hessian normalised by the number of input rows."""
@@ -263,36 +277,20 @@ class TeacherTargetStats(HessianStats):
         (None: the teacher made no such call)."""
         if x_teacher is None or tuple(x.shape) != tuple(x_teacher.shape):
             self.aligned = False
-        if not self.aligned:   # H alone (the default target's statistics)
-            HessianStats.update(self, x)
-            return
-        if not (torch.isfinite(x).all() and torch.isfinite(x_teacher).all()):
-            raise ValueError(f"layer {self.layer!r}: non-finite values in the layer input")
-        length = self.geometry.row_length
-        max_rows = max(1, min(self.max_rows, (1 << 22) // length))
-        hessian, cross = self.hessian.to(x.device), self.cross.to(x.device)
-        n_blocks = length // self.block_size
-        pairs = zip(input_rows(x, self.geometry, max_rows, self.layer),
-                    input_rows(x_teacher.to(x.device), self.geometry, max_rows, self.layer))
-        for rows, rows_t in pairs:
-            r64, t64 = rows.to(torch.float64), rows_t.to(torch.float64)
-            hessian.addmm_(r64.T, r64)
-            cross.addmm_(r64.T, t64)
-            self.input_sq += float(t64.pow(2).sum())
-            self.diff_sq += float((t64 - r64).pow(2).sum())
-            self.n_inputs += rows.shape[0]
-            self.n_rows += rows.shape[0] * n_blocks
-        self.hessian, self.cross = hessian, cross
+        # once not aligned: H alone (the default target's statistics)
+        self._accumulate(x, x_teacher if self.aligned else None)
+
+    def _add_pair(self, rows: Tensor, rows_teacher: Tensor) -> None:
+        self.cross = self.cross.to(rows.device).addmm_(rows.T, rows_teacher)
+        self.input_sq += float(rows_teacher.pow(2).sum())
+        self.diff_sq += float((rows_teacher - rows).pow(2).sum())
 
     def merge(self, other):
-        if not isinstance(other, TeacherTargetStats) or other.block_size != self.block_size \
-                or other.geometry != self.geometry:
-            raise ValueError(f"layer {self.layer!r}: cannot merge statistics of a different layer or block size")
-        return TeacherTargetStats(self.geometry, self.block_size, self.hessian + other.hessian.to(self.hessian.device),
-                                  self.n_rows + other.n_rows, self.n_inputs + other.n_inputs, self.layer,
-                                  self.max_rows, self.cross + other.cross.to(self.cross.device),
-                                  self.input_sq + other.input_sq, self.diff_sq + other.diff_sq,
-                                  self.aligned and other.aligned)
+        out = super().merge(other)   # checks the layer and type, sums H and the counts
+        out.cross = self.cross + other.cross.to(self.cross.device)
+        out.input_sq, out.diff_sq = self.input_sq + other.input_sq, self.diff_sq + other.diff_sq
+        out.aligned = self.aligned and other.aligned
+        return out
 
     def state(self) -> dict:
         return {**super().state(), "cross": self.cross.cpu(), "input_sq": self.input_sq, "diff_sq": self.diff_sq,
@@ -311,25 +309,17 @@ class TeacherTargetStats(HessianStats):
 
     def target_weight(self, weight_matrix: Tensor, damp: float) -> Tensor:
         """``W* = W + W Dᵀ (H + λI)⁻¹`` for the ``(n_rows, L)`` weight matrix ``W`` (float64),
-        ``λ = damp · mean(diag H)`` as in the fit; ``W`` itself when the rows were not aligned."""
-        w = weight_matrix.to(torch.float64)
+        ``λ = damp · mean(diag H)`` as in the fit (:func:`~bgd_dist.core.hessian.teacher_target_weight`);
+        ``W`` itself when the rows were not aligned."""
+        from .hessian import teacher_target_weight   # (hessian imports this module)
+
         if not self.aligned:
-            return w
+            return weight_matrix.to(torch.float64)
         self.check()
-        h = self.hessian.to(torch.float64)
-        d = self.cross.to(h) - h
-        lam = damp * float(h.diagonal().mean())
-        length = h.shape[0]
-        eye = torch.eye(length, dtype=h.dtype, device=h.device)
-        lam = lam if lam > 0 else 1e-12
-        for _ in range(8):  # raise the damping until the factorisation succeeds (singular H)
-            chol, info = torch.linalg.cholesky_ex(h + lam * eye)
-            if int(info) == 0:
-                # (H + λI)⁻¹ D W ᵀ, transposed: H and the damping are symmetric
-                return w + torch.cholesky_solve(d @ w.T.to(h.device), chol).T.to(w.device)
-            lam *= 10
-        raise ValueError(f"layer {self.layer!r}: the input statistics are not positive definite even with "
-                         f"strong damping")
+        try:
+            return teacher_target_weight(weight_matrix, self.hessian, self.cross, damp).to(weight_matrix.device)
+        except ValueError as e:
+            raise ValueError(f"layer {self.layer!r}: {e}") from None
 
 
 @register_stats
