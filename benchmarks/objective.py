@@ -191,8 +191,9 @@ PERMUTE = ["quantize.permute=true"]
 TRAIN_AFFINE = [f"finetune.{phase}.{what}=true" for phase in ("layerwise", "global") for what in ("train_bn", "train_bias")]
 PHOTOS = ["data.calibration=photos"]
 TEACHER = ["quantize.hessian.target=teacher"]
-# the layers whose input rows pair with the teacher's (a detector's region heads see the student's proposals)
-TEACHER_MATCH = {"shapes": r"(backbone|rpn)\..*"}
+# with the teacher target, the modules whose outputs the student takes from the teacher in the paired passes, so
+# that a detector's region heads see the teacher's proposals and detections and their rows pair with the teacher's
+TEACHER_FORCING = {"shapes": r"rpn\.head|roi_heads\.box_predictor"}
 HALF_SIZE = "half size"   # marker: quantize.target_mb = half the rules' size (the first variant's)
 END_VARIANTS = [
     ("paper, no fine-tuning", ["quantize.objective=paper", *NO_FT]),
@@ -208,6 +209,7 @@ END_VARIANTS = [
     ("all three + BN/bias training, full", [*HESSIAN, *BIAS, *PERMUTE, *TRAIN_AFFINE]),
     ("hessian + teacher target, no fine-tuning", [*HESSIAN, *TEACHER, *NO_FT]),
     ("hessian + teacher target, full pipeline", [*HESSIAN, *TEACHER]),
+    ("hessian + teacher target + perm., no FT", [*HESSIAN, *TEACHER, *PERMUTE, *NO_FT]),
     ("all four, no fine-tuning", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *NO_FT]),
     ("all four + BN/bias training, full", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *TRAIN_AFFINE]),
     ("paper, photo calibration, no FT", ["quantize.objective=paper", *PHOTOS, *NO_FT]),
@@ -243,8 +245,8 @@ def end_metrics(which: str, overrides: list[str], out: Path, only: list[str] | N
                 base = model_config(which, overrides)
                 rules_mb = size_report(make_adapter(base.model, base.data).build_model(), plan_for(base)).compressed_mb
             extra = [*extra, f"quantize.target_mb={rules_mb / 2:.6f}"]
-        if TEACHER[0] in extra and which in TEACHER_MATCH:
-            extra = [*extra, f"quantize.hessian.teacher_match={TEACHER_MATCH[which]}"]
+        if TEACHER[0] in extra and which in TEACHER_FORCING:
+            extra = [*extra, f"quantize.teacher_forcing={TEACHER_FORCING[which]}"]
         cfg = model_config(which, [*overrides, *extra])
         run_dir = out / which / _slug(label)
         if keep and (run_dir / "report.json").exists():

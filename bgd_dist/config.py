@@ -159,6 +159,10 @@ class HessianConfig:
     # teacher target: a layer whose relative input error Σ||x - x̃||² / Σ||x||² exceeds this keeps the
     # weights target (its rows are too far from the teacher's to be worth chasing; logged)
     max_input_error: float = 0.5
+    # teacher target: W* is the ridge solution min ||Ŵx̃ - Wx||² + λ_t ||Ŵ - W||², λ_t = target_damp · mean(diag H):
+    # larger keeps W* nearer W (a layer with fewer input rows than inputs otherwise fits the calibration images'
+    # noise); None: the fit's own damp
+    target_damp: float | None = None
 
     def __post_init__(self):
         if isinstance(self.damp, str):
@@ -177,6 +181,8 @@ class HessianConfig:
             re.compile(self.teacher_match)
         except re.error as e:
             raise ValueError(f"teacher_match: {self.teacher_match!r} is not a valid regular expression: {e}") from None
+        if self.target_damp is not None and not self.target_damp > 0:
+            raise ValueError(f"target_damp: must be > 0, got {self.target_damp}")
         if not self.max_input_error >= 0:
             raise ValueError(f"max_input_error: must be >= 0, got {self.max_input_error}")
 
@@ -229,6 +235,13 @@ class QuantizeConfig:
     bias_correction: bool = False
     holdout: float = 0.0              # share of the calibration images kept out of the fit (objective_holdout)
     permute: bool = False             # permute channels (function-preserving) before quantizing (PQF)
+    # in the passes that run the teacher and the student on the same images (hessian.target: teacher,
+    # bias_correction), the student's modules whose qualified name fully matches this regular expression
+    # return the teacher's output of the same call: what follows them sees the teacher's, so their consumers'
+    # rows pair with the teacher's (a detector's proposals and detections: 'rpn\.head|roi_heads\.box_predictor',
+    # modules the adapter's forward actually calls);
+    # empty: none. The fit of the matched modules' own layers is unchanged (their inputs are the student's)
+    teacher_forcing: str = ""
 
     @property
     def n_holdout(self) -> int:
@@ -266,6 +279,10 @@ class QuantizeConfig:
                 raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout: must be in [0, 1), got {self.holdout}")
+        try:
+            re.compile(self.teacher_forcing)
+        except re.error as e:
+            raise ValueError(f"teacher_forcing: {self.teacher_forcing!r} is not a valid regular expression: {e}") from None
         if self.holdout > 0 and not 1 <= self.n_holdout < self.n_calibration:
             raise ValueError(f"holdout: {self.holdout:g} of n_calibration = {self.n_calibration} leaves "
                              f"{self.n_holdout} held-out and {self.n_fit} fitted images; both need at least one")

@@ -28,13 +28,16 @@ class CollectRequest:
     """Statistics of ``layers`` over ``n_images`` calibration images (split over the shards),
     streamed through the workers' current student ``batch_size`` at a time. ``start``: the
     position in the calibration stream the images start at (0; the held-out images of
-    ``quantize.holdout`` start after the fitted ones)."""
+    ``quantize.holdout`` start after the fitted ones). ``force``: a regular expression; the
+    student's modules it fully matches return the teacher's outputs (``quantize.teacher_forcing``;
+    the teacher then runs on every batch)."""
 
     layers: tuple[LayerRequest, ...]
     n_images: int
     batch_size: int
     seed: int
     start: int = 0
+    force: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -79,12 +82,14 @@ class CollectResult:
 @dataclass(frozen=True)
 class OutputMomentsRequest:
     """Per-channel moments of the *outputs* of ``layers`` (dimension 1), on the teacher and on the
-    current student run on the same ``n_images`` calibration images (bias correction)."""
+    current student run on the same ``n_images`` calibration images (bias correction); ``force``:
+    as in :class:`CollectRequest`."""
 
     layers: tuple[str, ...]
     n_images: int
     batch_size: int
     seed: int
+    force: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))

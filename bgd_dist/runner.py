@@ -128,6 +128,7 @@ class Run:
         adapter = adapter if adapter is not None else make_adapter(cfg.model, cfg.data)
         check_architecture(adapter.arch())   # before any work: the exported file must be loadable
         teacher = adapter.build_model()
+        check_teacher_forcing(cfg.quantize.teacher_forcing, teacher)
         manifest = Manifest.open(out / "manifest.json", run_fingerprint(cfg, teacher, adapter), resume,
                                  fingerprinted_config(cfg))
         r = cls(cfg, out, adapter, teacher, manifest, JsonlLog(out / "log.jsonl"), progress,
@@ -267,6 +268,13 @@ class Stage:
 
 
 # -- steps before the stages -----------------------------------------------------------------------
+def check_teacher_forcing(pattern: str, teacher: nn.Module) -> None:
+    """``quantize.teacher_forcing`` must name modules of the model (before any work)."""
+    if pattern and not any(n and re.fullmatch(pattern, n) for n, _ in teacher.named_modules()):
+        raise ValueError(f"quantize.teacher_forcing: {pattern!r} fully matches no module of "
+                         f"{type(teacher).__name__} (qualified names such as 'rpn' or 'roi_heads.box_predictor')")
+
+
 def inspect_batchnorm(r: Run) -> None:
     """Flag the teacher's folded BatchNorm layers (running mean 0 / variance 1 on an input that is
     not normalised), which train-mode global distillation would destroy; say what the global
@@ -450,17 +458,20 @@ def collect(r: Run, st: Stage) -> None:
         if not any(o.needs_calibration for o in st.objectives.values()):
             return
         passes = collect_groups(requests, q.hessian.max_mb * MB)
+        # teacher forcing only in the passes whose statistics pair the student's rows with the teacher's
+        force = q.teacher_forcing if any(getattr(STATS_TYPES[rq.stats], "needs_teacher", False)
+                                         for rq in requests) else ""
         with progress_bar(q.n_calibration * len(passes), f"collect {st.index}", "img", r.progress,
                           leave=False) as bar:
             for group in passes:   # several passes only when the stage's Hessians exceed max_mb
-                part = r.executor.collect(CollectRequest(group, q.n_fit, q.batch_size,
-                                                         r.seeds.collect(st.index)), progress=bar.update)
+                part = r.executor.collect(CollectRequest(group, q.n_fit, q.batch_size, r.seeds.collect(st.index),
+                                                         force=force), progress=bar.update)
                 st.peak_bytes = max(st.peak_bytes, part.nbytes)
                 st.stats.update(part.stats)
                 st.throughput.append(part)
                 if q.n_holdout:   # the same statistics on the held-out images (the stream's next positions)
                     held = r.executor.collect(CollectRequest(group, q.n_holdout, q.batch_size, r.seeds.collect(st.index),
-                                                             start=q.n_fit), progress=bar.update)
+                                                             start=q.n_fit, force=force), progress=bar.update)
                     st.holdout.update(held.stats)
         st.stats_file_bytes = save_stage_stats(st.dir / "stats.pt", st.stats, q.keep_stats)
         st.passes = len(passes)
@@ -528,7 +539,7 @@ def teacher_target(r: Run, st: Stage, l, weight):
         extra["target"] = "weights"
         return weight
     w = weight_matrix(weight, l.geometry).double()
-    target = stats.target_weight(w, layer_damp(h.damp, stats.metric()))
+    target = stats.target_weight(w, h.target_damp if h.target_damp is not None else layer_damp(h.damp, stats.metric()))
     extra["target"] = "teacher"
     extra["target_shift"] = float((target - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-300))
     return weight_from_matrix(target.to(weight.dtype), l.geometry)
@@ -594,7 +605,8 @@ def correct_bias(r: Run, st: Stage) -> None:
         return
     with r.timers("bias_correction"):
         r.ship_student()
-        request = OutputMomentsRequest(st.names, q.n_fit, q.batch_size, r.seeds.collect(st.index))
+        request = OutputMomentsRequest(st.names, q.n_fit, q.batch_size, r.seeds.collect(st.index),
+                                       force=q.teacher_forcing)
         with progress_bar(q.n_fit, f"bias {st.index}", "img", r.progress, leave=False) as bar:
             moments = r.executor.output_moments(request, progress=bar.update)
         consumers = batchnorm_consumers(r.teacher, r.adapter.trace, st.names)

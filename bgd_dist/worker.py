@@ -8,6 +8,7 @@ or returned is plain data (the dataclasses of :mod:`bgd_dist.messages`).
 from __future__ import annotations
 
 import datetime
+import re
 import time
 from collections import deque
 from typing import Callable
@@ -86,6 +87,9 @@ class Worker:
         self.student = load_compressed(path, model=self.adapter.fresh_model()).to(self.device).eval()
 
     # -- statistics ---------------------------------------------------------------------------
+    def _forcing(self, pattern: str) -> "TeacherForcing":
+        return TeacherForcing(self.teacher, self.student, pattern) if pattern else TeacherForcing.none()
+
     @torch.no_grad()
     def collect(self, request: CollectRequest, shard: int, n_shards: int) -> ShardStats:
         """The statistics ``request`` asks for, over this shard of its calibration images."""
@@ -106,10 +110,12 @@ class Worker:
                     lambda m, args, q=paired[name]: q.append(args[0])))
             else:
                 handles.append(module.register_forward_pre_hook(lambda m, args, s=stats[name]: s.update(args[0])))
+        forcing = self._forcing(getattr(request, "force", ""))
+        teacher = bool(paired) or bool(forcing)
         seen, waiting = 0, 0.0
         try:
             self.student.eval()
-            if paired:
+            if teacher:
                 self.teacher.eval()
             batches = iter(self._calibration(request, shard, n_shards))
             while True:
@@ -119,9 +125,10 @@ class Worker:
                 if batch is None:
                     break
                 batch = self.adapter.to_device(batch, self.device)
-                if paired:
+                if teacher:
                     self.adapter.forward(self.teacher, batch)
                 self.adapter.forward(self.student, batch)
+                forcing.end_batch()
                 for name, q in paired.items():   # teacher calls the student did not make: rows do not pair
                     if q:
                         stats[name].aligned = False
@@ -130,6 +137,7 @@ class Worker:
         finally:
             for h in handles:
                 h.remove()
+            forcing.remove()
         return ShardStats({n: s.state() for n, s in stats.items()}, seen, time.perf_counter() - start, waiting)
 
     def _calibration(self, request, shard: int, n_shards: int):
@@ -160,6 +168,7 @@ class Worker:
                 module = get_submodule(model, name)
                 handles.append(module.register_forward_hook(
                     lambda m, args, out, s=moments[which][name]: s.update(out)))
+        forcing = self._forcing(getattr(request, "force", ""))   # after the moments' hooks: they see the own output
         seen = 0
         try:
             for model in models.values():
@@ -168,10 +177,12 @@ class Worker:
                 batch = self.adapter.to_device(batch, self.device)
                 self.adapter.forward(self.teacher, batch)
                 self.adapter.forward(self.student, batch)
+                forcing.end_batch()
                 seen += self.adapter.batch_len(batch)
         finally:
             for h in handles:
                 h.remove()
+            forcing.remove()
         return ShardOutputMoments({n: m.state() for n, m in moments["teacher"].items()},
                                   {n: m.state() for n, m in moments["student"].items()}, seen,
                                   time.perf_counter() - start)
@@ -254,3 +265,43 @@ class Worker:
                          self._reduce_grads if world > 1 else None, progress, state, stop, rank, targets)
         self._stream = (key, stop, batches) if stop < spec.iterations else None
         return result
+
+
+class TeacherForcing:
+    """Hooks that make the student's modules whose qualified name fully matches ``pattern`` return
+    the teacher's output of the same call (the k-th call of a module in a batch gets the teacher's
+    k-th output), so that what reads them sees the teacher's: a detector's region heads then work on
+    the teacher's proposals and detections, and their input rows pair with the teacher's. The teacher
+    runs first on each batch; :meth:`end_batch` drops what the student did not take."""
+
+    def __init__(self, teacher: nn.Module | None, student: nn.Module | None, pattern: str):
+        self.queues: dict[str, deque] = {}
+        self.handles: list = []
+        if not pattern:
+            return
+        rx = re.compile(pattern)
+        names = [n for n, _ in student.named_modules() if n and rx.fullmatch(n)]
+        if not names:
+            raise ValueError(f"quantize.teacher_forcing: {pattern!r} fully matches no module of the model")
+        for name in names:
+            q = self.queues[name] = deque()
+            self.handles.append(get_submodule(teacher, name).register_forward_hook(
+                lambda m, args, out, q=q: q.append(out)))
+            self.handles.append(get_submodule(student, name).register_forward_hook(
+                lambda m, args, out, q=q: q.popleft() if q else None))
+
+    @classmethod
+    def none(cls) -> "TeacherForcing":
+        return cls(None, None, "")
+
+    def __bool__(self) -> bool:
+        return bool(self.queues)
+
+    def end_batch(self) -> None:
+        for q in self.queues.values():
+            q.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()

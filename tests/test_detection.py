@@ -255,3 +255,47 @@ def test_real_maskrcnn_r50_fpn_plan_stats_quantize_export(tmp_path, data):
     assert len(a[0]["boxes"]) > 0
     for k in ("boxes", "labels", "scores", "masks"):
         torch.testing.assert_close(a[0][k], b[0][k])
+
+
+def test_teacher_forcing_pairs_the_region_heads_rows_with_the_teachers(tiny):
+    """With a student whose RPN head and box head differ from the teacher's, the region heads work on
+    other proposals and detections: their rows do not correspond to the teacher's. Forcing the RPN
+    head's and the box predictor's outputs to the teacher's gives them the teacher's proposals and
+    detections: the box head's first layer and the mask head then see exactly the teacher's inputs
+    (same backbone), and the box predictor, behind the changed layer, only that layer's difference."""
+    cfg, adapter, teacher, plan = tiny
+    student = copy.deepcopy(teacher)
+    changed = [l.name for l in plan.quantized if l.name.startswith("rpn.head.conv")] + ["roi_heads.box_head.fc7"]
+    with torch.no_grad():
+        for n in changed:
+            w = get_submodule(student, n).weight
+            w.add_(0.5 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    names = ["roi_heads.box_head.fc6", "roi_heads.box_predictor.cls_score", "roi_heads.mask_head.0.0"]
+    layers = [LayerRequest(n, plan.layer(n).geometry, plan.layer(n).block_size, "hessian_teacher") for n in names]
+    ex = SerialExecutor(num_shards=1)
+    ex.start(cfg.model, cfg.data)
+    try:
+        ex.load_student(student_state(student))
+        errors = {}
+        for force in ("", r"rpn\.head|roi_heads\.box_predictor"):
+            stats = ex.collect(CollectRequest(layers, n_images=4, batch_size=2, seed=0, force=force)).stats
+            assert all(s.aligned and s.n_inputs > 0 for s in stats.values())
+            errors[force] = {n: s.input_error for n, s in stats.items()}
+    finally:
+        ex.close()
+    free, forced = errors[""], errors[r"rpn\.head|roi_heads\.box_predictor"]
+    assert free["roi_heads.box_head.fc6"] > 0.01 and free["roi_heads.mask_head.0.0"] > 0.01
+    assert forced["roi_heads.box_head.fc6"] == 0.0 and forced["roi_heads.mask_head.0.0"] == 0.0
+    assert 0 < forced["roi_heads.box_predictor.cls_score"] < free["roi_heads.box_predictor.cls_score"]
+
+
+def test_teacher_forcing_must_name_modules_of_the_model(tiny, tmp_path):
+    from bgd_dist.config import ConfigError
+    from bgd_dist.runner import run
+
+    with pytest.raises(ConfigError, match=r"teacher_forcing: 'rpn\(' is not a valid regular expression"):
+        load_pipeline("pipelines/digits.yaml", ["quantize.teacher_forcing=rpn("])
+    cfg, *_ = tiny
+    cfg = dataclasses.replace(cfg, quantize=dataclasses.replace(cfg.quantize, teacher_forcing=r"rpn\.heads"))
+    with pytest.raises(ValueError, match=r"teacher_forcing: 'rpn\\\\.heads' fully matches no module of MaskRCNN"):
+        run(cfg, tmp_path, do_eval=False, progress=False)

@@ -68,6 +68,16 @@ def test_the_fit_objective_equals_the_teacher_output_error_up_to_a_constant_conv
     assert gaps[0] == pytest.approx(gaps[1], rel=1e-9) and gaps[1] == pytest.approx(gaps[2], rel=1e-9)
 
 
+def test_a_larger_target_damping_keeps_the_target_nearer_the_weight():
+    """``W*`` is the ridge solution pulled toward ``W``: with fewer rows than inputs the least-squares
+    map fits the calibration rows' noise; the shift shrinks as the damping grows, and vanishes in the limit."""
+    x_s, x_t = pair((8, 12), noise=0.5)
+    s = stats_of(LINEAR, [(x_s, x_t)])
+    w = torch.randn(5, 12, dtype=torch.float64)
+    shifts = [float((s.target_weight(w, damp) - w).norm()) for damp in (0.01, 0.1, 1.0, 1e6)]
+    assert shifts == sorted(shifts, reverse=True) and shifts[0] > 2 * shifts[2] and shifts[-1] < 1e-4 * shifts[0]
+
+
 def test_statistics_merge_and_cross_processes_as_plain_data():
     x_s, x_t = pair((40, 12))
     whole = stats_of(LINEAR, [(x_s, x_t)])
@@ -107,6 +117,8 @@ def test_target_and_its_bound_are_validated_by_name():
         load_pipeline("pipelines/digits.yaml", ["quantize.hessian.target=student"])
     with pytest.raises(ConfigError, match="max_input_error: must be >= 0"):
         load_pipeline("pipelines/digits.yaml", ["quantize.hessian.max_input_error=-1"])
+    with pytest.raises(ConfigError, match="target_damp: must be > 0"):
+        load_pipeline("pipelines/digits.yaml", ["quantize.hessian.target_damp=0"])
     with pytest.raises(ConfigError, match=r"teacher_match: 'layer\(' is not a valid regular expression"):
         load_pipeline("pipelines/digits.yaml", ["quantize.hessian.teacher_match=layer("])
 
