@@ -161,8 +161,9 @@ class HessianConfig:
     max_input_error: float = 0.5
     # teacher target: W* is the ridge solution min ||Ŵx̃ - Wx||² + λ_t ||Ŵ - W||², λ_t = target_damp · mean(diag H):
     # larger keeps W* nearer W (a layer with fewer input rows than inputs otherwise fits the calibration images'
-    # noise); None: the fit's own damp
-    target_damp: float | None = None
+    # noise); None: the fit's own damp; auto: per layer, the damp (of 0.001 ... 10, or W itself) whose W* best
+    # reproduces the teacher's outputs on the held-out images (needs quantize.holdout > 0)
+    target_damp: float | str | None = None
 
     def __post_init__(self):
         if isinstance(self.damp, str):
@@ -181,7 +182,10 @@ class HessianConfig:
             re.compile(self.teacher_match)
         except re.error as e:
             raise ValueError(f"teacher_match: {self.teacher_match!r} is not a valid regular expression: {e}") from None
-        if self.target_damp is not None and not self.target_damp > 0:
+        if isinstance(self.target_damp, str):
+            if self.target_damp != "auto":
+                raise ValueError(f"target_damp: expected a number > 0, auto or null, got {self.target_damp!r}")
+        elif self.target_damp is not None and not self.target_damp > 0:
             raise ValueError(f"target_damp: must be > 0, got {self.target_damp}")
         if not self.max_input_error >= 0:
             raise ValueError(f"max_input_error: must be >= 0, got {self.max_input_error}")
@@ -283,6 +287,8 @@ class QuantizeConfig:
             re.compile(self.teacher_forcing)
         except re.error as e:
             raise ValueError(f"teacher_forcing: {self.teacher_forcing!r} is not a valid regular expression: {e}") from None
+        if self.hessian.target_damp == "auto" and not self.holdout > 0:
+            raise ValueError("hessian.target_damp: auto chooses on held-out images; set quantize.holdout > 0")
         if self.holdout > 0 and not 1 <= self.n_holdout < self.n_calibration:
             raise ValueError(f"holdout: {self.holdout:g} of n_calibration = {self.n_calibration} leaves "
                              f"{self.n_holdout} held-out and {self.n_fit} fitted images; both need at least one")

@@ -519,7 +519,8 @@ def teacher_target(r: Run, st: Stage, l, weight):
     then reproduces the teacher's outputs from the student's inputs). A layer whose inputs
     could not be paired with the teacher's, or whose relative input error exceeds
     ``hessian.max_input_error``, keeps ``weight`` (logged; the layers ``hessian.teacher_match``
-    leaves out never collect the paired statistics, :func:`stats_kind`)."""
+    leaves out never collect the paired statistics, :func:`stats_kind`). ``hessian.target_damp:
+    auto`` chooses the ridge of ``W*`` on the held-out images' paired statistics, ``W`` included."""
     from .core.layouts import weight_from_matrix, weight_matrix
 
     stats = st.stats.get(l.name)
@@ -539,8 +540,18 @@ def teacher_target(r: Run, st: Stage, l, weight):
         extra["target"] = "weights"
         return weight
     w = weight_matrix(weight, l.geometry).double()
-    target = stats.target_weight(w, h.target_damp if h.target_damp is not None else layer_damp(h.damp, stats.metric()))
+    held = st.holdout.get(l.name)
+    if h.target_damp == "auto" and getattr(held, "aligned", False) and held.n_rows:
+        damp, target = stats.select_target(w, held)
+        extra["target_damp"] = damp
+        if damp is None:   # no W* reproduces the teacher's outputs on the held-out images better than W
+            extra["target"] = "weights"
+            return weight
+    else:
+        damp = h.target_damp if h.target_damp not in (None, "auto") else layer_damp(h.damp, stats.metric())
+        target = stats.target_weight(w, damp)
     extra["target"] = "teacher"
+    extra["target_damp"] = damp
     extra["target_shift"] = float((target - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-300))
     return weight_from_matrix(target.to(weight.dtype), l.geometry)
 
@@ -581,7 +592,7 @@ def swap(r: Run, st: Stage) -> None:
         extra = st.extras.get(l.name, {})
         held = "" if extra.get("objective_holdout") is None else f" (held-out {extra['objective_holdout']:.4f})"
         if extra.get("target") == "teacher":
-            held += f" to the teacher's outputs (input error {extra['input_error']:.4f})"
+            held += f" to the teacher's outputs (input error {extra['input_error']:.4f}, damp {extra['target_damp']:g})"
         log.info("%s %s: d=%d K=%d %.3f bits/w %s objective %.4f -> %.4f%s fit %.2fs | quantized so far %.3f MB",
                  st.label, l.name, l.block_size, l.n_centroids, size.bits_per_weight, name, obj[0], obj[-1], held,
                  f.seconds, r.quantized_bytes / MB)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bgd_dist.config import ConfigError, load_pipeline
+from bgd_dist.core.hessian import TARGET_DAMPS
 from bgd_dist.core.layouts import LayerGeometry, weight_matrix
 from bgd_dist.core.stats import TeacherTargetStats, stats_from_state
 from bgd_dist.messages import LayerRequest
@@ -78,6 +79,29 @@ def test_a_larger_target_damping_keeps_the_target_nearer_the_weight():
     assert shifts == sorted(shifts, reverse=True) and shifts[0] > 2 * shifts[2] and shifts[-1] < 1e-4 * shifts[0]
 
 
+def test_auto_damping_picks_the_target_with_the_smallest_held_out_output_error():
+    """Few fitted rows (fewer than inputs) and many held-out ones: of ``W`` and the ``W*`` of every
+    damp, the chosen one reproduces the teacher's held-out outputs best, measured on the rows."""
+    x_s, x_t = pair((208, 12), noise=0.5)
+    fit, held = stats_of(LINEAR, [(x_s[:8], x_t[:8])]), stats_of(LINEAR, [(x_s[8:], x_t[8:])])
+    w = torch.randn(5, 12, dtype=torch.float64)
+    damp, target = fit.select_target(w, held)
+    candidates = {None: w, **{d: fit.target_weight(w, d) for d in TARGET_DAMPS}}
+    errors = {d: float((x_s[8:] @ v.T - x_t[8:] @ w.T).pow(2).sum()) for d, v in candidates.items()}
+    assert damp == min(errors, key=errors.get)
+    assert torch.allclose(target, candidates[damp], atol=1e-8)
+    # on the fitted rows themselves the least damped W* wins (the ridge's training error grows with the damp)
+    assert fit.select_target(w, fit)[0] == min(TARGET_DAMPS)
+
+
+def test_auto_damping_keeps_the_weight_where_the_held_out_inputs_agree():
+    x_s, x_t = pair((64, 12))
+    fit, held = stats_of(LINEAR, [(x_s, x_t)]), stats_of(LINEAR, [(x_t, x_t)])
+    w = torch.randn(5, 12, dtype=torch.float64)
+    damp, target = fit.select_target(w, held)
+    assert damp is None and torch.equal(target, w)
+
+
 def test_statistics_merge_and_cross_processes_as_plain_data():
     x_s, x_t = pair((40, 12))
     whole = stats_of(LINEAR, [(x_s, x_t)])
@@ -119,6 +143,10 @@ def test_target_and_its_bound_are_validated_by_name():
         load_pipeline("pipelines/digits.yaml", ["quantize.hessian.max_input_error=-1"])
     with pytest.raises(ConfigError, match="target_damp: must be > 0"):
         load_pipeline("pipelines/digits.yaml", ["quantize.hessian.target_damp=0"])
+    with pytest.raises(ConfigError, match="target_damp: expected a number > 0, auto or null, got 'best'"):
+        load_pipeline("pipelines/digits.yaml", ["quantize.hessian.target_damp=best"])
+    with pytest.raises(ConfigError, match="target_damp: auto chooses on held-out images; set quantize.holdout > 0"):
+        load_pipeline("pipelines/digits.yaml", ["quantize.hessian.target_damp=auto"])
     with pytest.raises(ConfigError, match=r"teacher_match: 'layer\(' is not a valid regular expression"):
         load_pipeline("pipelines/digits.yaml", ["quantize.hessian.teacher_match=layer("])
 
@@ -177,3 +205,15 @@ def test_teacher_match_limits_the_teacher_target_to_the_layers_it_names(tmp_path
     run(cfg, tmp_path, do_eval=False, progress=False)
     paired = {n for n, e in layer_events(tmp_path).items() if "input_error" in e}
     assert paired == {"shortcut", "fc"}
+
+
+def test_auto_damping_chooses_per_layer_on_the_held_out_images(tmp_path):
+    cfg = toy_config(quantize={**BASE["quantize"], "objective": "hessian", "holdout": 0.25,
+                               "hessian": {"target": "teacher", "target_damp": "auto", "max_input_error": 10}},
+                     finetune={"layerwise": {"enabled": False}, "global": {"enabled": False}})
+    run(cfg, tmp_path, do_eval=False, progress=False)
+    events = [e for e in layer_events(tmp_path).values() if "input_error" in e]
+    assert events and {e["target_damp"] for e in events} <= {None, *TARGET_DAMPS}
+    # W itself exactly where the inputs agree (the first stage); the others chose on the held-out rows
+    assert all(e["target"] == "weights" and e["target_damp"] is None for e in events if e["input_error"] == 0)
+    assert any(e["target"] == "teacher" and e["target_shift"] > 0 for e in events if e["input_error"] > 0)

@@ -298,6 +298,38 @@ def teacher_target_weight(w: Tensor, hessian: Tensor, cross: Tensor, damp: float
     return w + solved.T
 
 
+# the damps ``hessian.target_damp: auto`` tries (besides W itself, infinite damping)
+TARGET_DAMPS = (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+def select_target_damp(w: Tensor, hessian: Tensor, cross: Tensor, held_hessian: Tensor, held_cross: Tensor,
+                       damps: tuple[float, ...] = TARGET_DAMPS) -> tuple[float | None, Tensor]:
+    """The damp of ``damps`` whose target ``W*`` (:func:`teacher_target_weight` on the fitted statistics
+    ``hessian``, ``cross``) best reproduces the teacher's outputs on held-out images, and that ``W*``:
+    the smallest ``Σ ||V x̃ − W x||²`` over the held-out rows, which up to a constant is
+    ``tr(V H' Vᵀ) − 2 tr(V C' Wᵀ)`` with their ``H' = Σ x̃ x̃ᵀ``, ``C' = Σ x̃ xᵀ``. ``W`` itself competes
+    as infinite damping: (None, ``w``) when no ``W*`` beats it. One eigendecomposition of ``H``
+    serves every damp (float64)."""
+    h = hessian.to(torch.float64)
+    w = w.to(device=h.device, dtype=torch.float64)
+    held_h, held_c = held_hessian.to(h), held_cross.to(h)
+    evals, evecs = torch.linalg.eigh(h)
+    evals = evals.clamp_min(0.0)
+    rotated = evecs.T @ ((cross.to(h) - h) @ w.T)          # Qᵀ D Wᵀ, (H + λI)⁻¹ = Q diag(1/(e + λ)) Qᵀ
+    mean_diag = h.diagonal().mean().clamp_min(1e-300)
+
+    def held_error(v: Tensor) -> float:
+        return float(((v @ held_h) * v).sum() - 2 * ((v @ held_c) * w).sum())
+
+    best, best_damp, best_err = w, None, held_error(w)
+    for damp in damps:
+        v = w + (evecs @ (rotated / (evals + damp * mean_diag)[:, None])).T
+        err = held_error(v)
+        if err < best_err:
+            best, best_damp, best_err = v, damp, err
+    return best_damp, best
+
+
 def damped_inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹``, ``λ = damp · mean(diag H)``: ``U = V⁻¹`` with
     ``V`` of :func:`damped_cholesky` (the fit itself works with ``V`` and never forms ``U``)."""

@@ -322,6 +322,20 @@ class TeacherTargetStats(HessianStats):
             raise ValueError(f"layer {self.layer!r}: {e}") from None
 
 
+    def select_target(self, weight_matrix: Tensor, held: "TeacherTargetStats") -> tuple[float | None, Tensor]:
+        """``hessian.target_damp: auto``: the damp whose ``W*`` best reproduces the teacher's outputs on
+        the ``held``-out images' statistics, and that ``W*`` (None and ``W``: no ``W*`` beats ``W``;
+        :func:`~bgd_dist.core.hessian.select_target_damp`)."""
+        from .hessian import select_target_damp
+
+        if not (self.aligned and held.aligned):
+            raise ValueError(f"layer {self.layer!r}: the target damping is chosen on paired rows; "
+                             f"these do not pair with the teacher's")
+        self.check()
+        held.check()
+        damp, target = select_target_damp(weight_matrix, self.hessian, self.cross, held.hessian, held.cross)
+        return damp, target.to(weight_matrix.device)
+
 @register_stats
 @dataclass
 class IdentityStats:
