@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bgd_dist.core.hessian import (block_factors, damped_cholesky, damped_inverse_cholesky, decode_matrix, error_feedback_assign,
+from bgd_dist.core.hessian import (block_factors, damped_cholesky, decode_matrix, error_feedback_assign,
                                    exact_codebook, fit_codebook_hessian, output_error, pooled_metric,
                                    relative_output_error)
 from bgd_dist.core.kmeans import _nearest, fit_codebook
@@ -300,6 +300,14 @@ def test_a_stage_whose_hessians_exceed_max_mb_is_collected_in_several_passes():
     passes = collect_groups(layers, 50000)
     assert [[l.name for l in p] for p in passes] == [["a", "b"], ["c"], ["d"]]
     assert collect_groups(layers, 10) == [[layers[0], layers[1]], [layers[2]], [layers[3]]]   # one H each at least
+
+
+def damped_inverse_cholesky(hessian, damp):
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹``: ``U = V⁻¹`` with ``V`` of ``damped_cholesky``
+    (the fit works with ``V`` and never forms ``U``; the relation is checked here)."""
+    upper = damped_cholesky(hessian, damp)
+    eye = torch.eye(upper.shape[0], dtype=upper.dtype, device=upper.device)
+    return torch.linalg.solve_triangular(upper, eye, upper=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

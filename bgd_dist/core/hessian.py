@@ -330,14 +330,6 @@ def select_target_damp(w: Tensor, hessian: Tensor, cross: Tensor, held_hessian: 
     return best_damp, best
 
 
-def damped_inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹``, ``λ = damp · mean(diag H)``: ``U = V⁻¹`` with
-    ``V`` of :func:`damped_cholesky` (the fit itself works with ``V`` and never forms ``U``)."""
-    upper = damped_cholesky(hessian, damp)
-    eye = torch.eye(upper.shape[0], dtype=upper.dtype, device=upper.device)
-    return torch.linalg.solve_triangular(upper, eye, upper=True)
-
-
 def block_factors(upper: Tensor, block_size: int) -> Tensor:
     """``U_jj⁻¹`` of every diagonal ``d x d`` block of ``U`` (upper triangular), (n_blocks, d, d), in one
     batched triangular solve (computed once per layer, reused by every error-feedback pass)."""
@@ -558,6 +550,6 @@ def fit_codebook_hessian(
     return Codebook(centroids, best_a, tuple(history), base.n_empty_repaired)
 
 
-__all__ = ["fit_codebook_hessian", "exact_codebook", "error_feedback_assign", "damped_cholesky", "damped_inverse_cholesky",
+__all__ = ["fit_codebook_hessian", "exact_codebook", "error_feedback_assign", "damped_cholesky",
            "block_factors", "teacher_target_weight",
            "pooled_metric", "decode_matrix", "relative_output_error", "output_error", "effective_rank", "auto_damp"]
