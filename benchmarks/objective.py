@@ -194,6 +194,8 @@ TEACHER = ["quantize.hessian.target=teacher"]
 # with the teacher target, the modules whose outputs the student takes from the teacher in the paired passes, so
 # that a detector's region heads see the teacher's proposals and detections and their rows pair with the teacher's
 TEACHER_FORCING = {"shapes": r"rpn\.head|roi_heads\.box_predictor"}
+# the variant each *_plus.yaml pipeline is (checked by the tests): the best full pipeline measured
+PLUS_VARIANTS = {"shapes": "hessian + permutations + BN/bias, full"}
 HALF_SIZE = "half size"   # marker: quantize.target_mb = half the rules' size (the first variant's)
 END_VARIANTS = [
     ("paper, no fine-tuning", ["quantize.objective=paper", *NO_FT]),
@@ -207,9 +209,11 @@ END_VARIANTS = [
     ("all three, no fine-tuning", [*HESSIAN, *BIAS, *PERMUTE, *NO_FT]),
     ("all three, full pipeline", [*HESSIAN, *BIAS, *PERMUTE]),
     ("all three + BN/bias training, full", [*HESSIAN, *BIAS, *PERMUTE, *TRAIN_AFFINE]),
+    ("hessian + permutations + BN/bias, full", [*HESSIAN, *PERMUTE, *TRAIN_AFFINE]),
     ("hessian + teacher target, no fine-tuning", [*HESSIAN, *TEACHER, *NO_FT]),
     ("hessian + teacher target, full pipeline", [*HESSIAN, *TEACHER]),
     ("hessian + teacher target + perm., no FT", [*HESSIAN, *TEACHER, *PERMUTE, *NO_FT]),
+    ("hessian + teacher target + perm. + BN/bias, full", [*HESSIAN, *TEACHER, *PERMUTE, *TRAIN_AFFINE]),
     ("all four, no fine-tuning", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *NO_FT]),
     ("all four + BN/bias training, full", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *TRAIN_AFFINE]),
     ("paper, photo calibration, no FT", ["quantize.objective=paper", *PHOTOS, *NO_FT]),
