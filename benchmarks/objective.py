@@ -24,11 +24,13 @@ the fit time of hessian vs paper (ratio) and the statistics memory.
 End metrics (``--end``): the pipeline run as written but for each variant's
 settings, serial executor, same seeds, identical size: the paper objective, the
 hessian objective, hessian + bias correction, hessian + permutations, all three
-(each without fine-tuning and with the full pipeline), all three with BN affine
-and bias training in both distillation phases, hessian fitted to the teacher's
-outputs (``quantize.hessian.target: teacher``) alone and with the other three
-("all four"), calibration on natural photographs instead of the task's images
-(out of domain), and, for digits, the best combinations at half the rules' size
+(each without fine-tuning and with the full pipeline), all three and hessian +
+permutations with BN affine and bias training in both distillation phases (the
+latter also with a global phase twice as long), hessian fitted to the teacher's
+outputs (``quantize.hessian.target: teacher``; on shapes with the region heads
+teacher-forced) alone, with permutations and with the other three ("all four"),
+calibration on natural photographs instead of the task's images (out of domain),
+and, for digits, the best combinations at half the rules' size
 (``quantize.target_mb``). Cost columns: the time
 of statistics, fitting, bias correction and permutation search; the mean time
 per stage (everything); the largest per-worker statistics of a stage.

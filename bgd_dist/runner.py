@@ -272,7 +272,7 @@ def check_teacher_forcing(pattern: str, teacher: nn.Module) -> None:
     """``quantize.teacher_forcing`` must name modules of the model (before any work)."""
     if pattern and not any(n and re.fullmatch(pattern, n) for n, _ in teacher.named_modules()):
         raise ValueError(f"quantize.teacher_forcing: {pattern!r} fully matches no module of "
-                         f"{type(teacher).__name__} (qualified names such as 'rpn' or 'roi_heads.box_predictor')")
+                         f"{type(teacher).__name__} (qualified names such as 'rpn.head' or 'roi_heads.box_predictor')")
 
 
 def inspect_batchnorm(r: Run) -> None:

@@ -110,7 +110,7 @@ class Worker:
                     lambda m, args, q=paired[name]: q.append(args[0])))
             else:
                 handles.append(module.register_forward_pre_hook(lambda m, args, s=stats[name]: s.update(args[0])))
-        forcing = self._forcing(getattr(request, "force", ""))
+        forcing = self._forcing(request.force)
         teacher = bool(paired) or bool(forcing)
         seen, waiting = 0, 0.0
         try:
@@ -168,7 +168,7 @@ class Worker:
                 module = get_submodule(model, name)
                 handles.append(module.register_forward_hook(
                     lambda m, args, out, s=moments[which][name]: s.update(out)))
-        forcing = self._forcing(getattr(request, "force", ""))   # after the moments' hooks: they see the own output
+        forcing = self._forcing(request.force)   # after the moments' hooks: they see the own output
         seen = 0
         try:
             for model in models.values():

@@ -321,7 +321,6 @@ class TeacherTargetStats(HessianStats):
         except ValueError as e:
             raise ValueError(f"layer {self.layer!r}: {e}") from None
 
-
     def select_target(self, weight_matrix: Tensor, held: "TeacherTargetStats") -> tuple[float | None, Tensor]:
         """``hessian.target_damp: auto``: the damp whose ``W*`` best reproduces the teacher's outputs on
         the ``held``-out images' statistics, and that ``W*`` (None and ``W``: no ``W*`` beats ``W``;
@@ -335,6 +334,7 @@ class TeacherTargetStats(HessianStats):
         held.check()
         damp, target = select_target_damp(weight_matrix, self.hessian, self.cross, held.hessian, held.cross)
         return damp, target.to(weight_matrix.device)
+
 
 @register_stats
 @dataclass
