@@ -85,6 +85,13 @@ def _convert(tp, value, where: str):
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
+def _check_regex(key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{key}: {pattern!r} is not a valid regular expression: {e}") from None
+
+
 def from_mapping(cls, data, where: str = ""):
     """Build the frozen dataclass ``cls`` from ``data``; unknown keys are errors naming the key."""
     if data is None:
@@ -178,10 +185,7 @@ class HessianConfig:
             raise ValueError(f"max_mb: must be > 0, got {self.max_mb}")
         if self.target not in ("weights", "teacher"):
             raise ValueError(f"target: unknown value {self.target!r}; expected weights or teacher")
-        try:
-            re.compile(self.teacher_match)
-        except re.error as e:
-            raise ValueError(f"teacher_match: {self.teacher_match!r} is not a valid regular expression: {e}") from None
+        _check_regex("teacher_match", self.teacher_match)
         if isinstance(self.target_damp, str):
             if self.target_damp != "auto":
                 raise ValueError(f"target_damp: expected a number > 0, auto or null, got {self.target_damp!r}")
@@ -283,10 +287,7 @@ class QuantizeConfig:
                 raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout: must be in [0, 1), got {self.holdout}")
-        try:
-            re.compile(self.teacher_forcing)
-        except re.error as e:
-            raise ValueError(f"teacher_forcing: {self.teacher_forcing!r} is not a valid regular expression: {e}") from None
+        _check_regex("teacher_forcing", self.teacher_forcing)
         if self.hessian.target_damp == "auto" and not self.holdout > 0:
             raise ValueError("hessian.target_damp: auto chooses on held-out images; set quantize.holdout > 0")
         if self.holdout > 0 and not 1 <= self.n_holdout < self.n_calibration:

@@ -51,6 +51,7 @@ from .rundir import (MANIFEST_VERSION, JsonlLog, Manifest, codebooks_from, corre
 from .runlock import RunDirectoryLocked, RunLock  # noqa: F401 (re-exported)
 from .seeds import Seeds
 from .student import student_state
+from .worker import forced_modules
 
 log = logging.getLogger("bgd.runner")
 
@@ -128,7 +129,7 @@ class Run:
         adapter = adapter if adapter is not None else make_adapter(cfg.model, cfg.data)
         check_architecture(adapter.arch())   # before any work: the exported file must be loadable
         teacher = adapter.build_model()
-        check_teacher_forcing(cfg.quantize.teacher_forcing, teacher)
+        forced_modules(cfg.quantize.teacher_forcing, teacher)   # before any work: must name modules of the model
         manifest = Manifest.open(out / "manifest.json", run_fingerprint(cfg, teacher, adapter), resume,
                                  fingerprinted_config(cfg))
         r = cls(cfg, out, adapter, teacher, manifest, JsonlLog(out / "log.jsonl"), progress,
@@ -268,13 +269,6 @@ class Stage:
 
 
 # -- steps before the stages -----------------------------------------------------------------------
-def check_teacher_forcing(pattern: str, teacher: nn.Module) -> None:
-    """``quantize.teacher_forcing`` must name modules of the model (before any work)."""
-    if pattern and not any(n and re.fullmatch(pattern, n) for n, _ in teacher.named_modules()):
-        raise ValueError(f"quantize.teacher_forcing: {pattern!r} fully matches no module of "
-                         f"{type(teacher).__name__} (qualified names such as 'rpn.head' or 'roi_heads.box_predictor')")
-
-
 def inspect_batchnorm(r: Run) -> None:
     """Flag the teacher's folded BatchNorm layers (running mean 0 / variance 1 on an input that is
     not normalised), which train-mode global distillation would destroy; say what the global

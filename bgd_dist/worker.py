@@ -87,9 +87,6 @@ class Worker:
         self.student = load_compressed(path, model=self.adapter.fresh_model()).to(self.device).eval()
 
     # -- statistics ---------------------------------------------------------------------------
-    def _forcing(self, pattern: str) -> "TeacherForcing":
-        return TeacherForcing(self.teacher, self.student, pattern) if pattern else TeacherForcing.none()
-
     @torch.no_grad()
     def collect(self, request: CollectRequest, shard: int, n_shards: int) -> ShardStats:
         """The statistics ``request`` asks for, over this shard of its calibration images."""
@@ -110,7 +107,7 @@ class Worker:
                     lambda m, args, q=paired[name]: q.append(args[0])))
             else:
                 handles.append(module.register_forward_pre_hook(lambda m, args, s=stats[name]: s.update(args[0])))
-        forcing = self._forcing(request.force)
+        forcing = TeacherForcing(self.teacher, self.student, request.force)
         teacher = bool(paired) or bool(forcing)
         seen, waiting = 0, 0.0
         try:
@@ -168,7 +165,7 @@ class Worker:
                 module = get_submodule(model, name)
                 handles.append(module.register_forward_hook(
                     lambda m, args, out, s=moments[which][name]: s.update(out)))
-        forcing = self._forcing(request.force)   # after the moments' hooks: they see the own output
+        forcing = TeacherForcing(self.teacher, self.student, request.force)   # after the moments' hooks: they see the own output
         seen = 0
         try:
             for model in models.values():
@@ -267,6 +264,19 @@ class Worker:
         return result
 
 
+def forced_modules(pattern: str, model: nn.Module) -> list[str]:
+    """The qualified names of ``model``'s modules that ``quantize.teacher_forcing`` (``pattern``) fully
+    matches; none for an empty pattern, an error naming the key when a pattern matches nothing."""
+    if not pattern:
+        return []
+    rx = re.compile(pattern)
+    names = [n for n, _ in model.named_modules() if n and rx.fullmatch(n)]
+    if not names:
+        raise ValueError(f"quantize.teacher_forcing: {pattern!r} fully matches no module of "
+                         f"{type(model).__name__} (qualified names such as 'rpn.head' or 'roi_heads.box_predictor')")
+    return names
+
+
 class TeacherForcing:
     """Hooks that make the student's modules whose qualified name fully matches ``pattern`` return
     the teacher's output of the same call (the k-th call of a module in a batch gets the teacher's
@@ -274,25 +284,15 @@ class TeacherForcing:
     the teacher's proposals and detections, and their input rows pair with the teacher's. The teacher
     runs first on each batch; :meth:`end_batch` drops what the student did not take."""
 
-    def __init__(self, teacher: nn.Module | None, student: nn.Module | None, pattern: str):
+    def __init__(self, teacher: nn.Module, student: nn.Module, pattern: str):
         self.queues: dict[str, deque] = {}
         self.handles: list = []
-        if not pattern:
-            return
-        rx = re.compile(pattern)
-        names = [n for n, _ in student.named_modules() if n and rx.fullmatch(n)]
-        if not names:
-            raise ValueError(f"quantize.teacher_forcing: {pattern!r} fully matches no module of the model")
-        for name in names:
+        for name in forced_modules(pattern, student):
             q = self.queues[name] = deque()
             self.handles.append(get_submodule(teacher, name).register_forward_hook(
                 lambda m, args, out, q=q: q.append(out)))
             self.handles.append(get_submodule(student, name).register_forward_hook(
                 lambda m, args, out, q=q: q.popleft() if q else None))
-
-    @classmethod
-    def none(cls) -> "TeacherForcing":
-        return cls(None, None, "")
 
     def __bool__(self) -> bool:
         return bool(self.queues)
