@@ -30,8 +30,8 @@ latter also with a global phase twice as long), hessian fitted to the teacher's
 outputs (``quantize.hessian.target: teacher``; on shapes with the region heads
 teacher-forced) alone, with permutations and with the other three ("all four"),
 on shapes four of the variants without fine-tuning again with 256 instead of the pipeline's 64
-calibration images ("256 calib."), calibration on natural photographs instead of the task's images
-(out of domain),
+calibration images ("256 calib.") and all four with all 400 training images ("400 calib."),
+calibration on natural photographs instead of the task's images (out of domain),
 and, for digits, the best combinations at half the rules' size
 (``quantize.target_mb``). Cost columns: the time
 of statistics, fitting, bias correction and permutation search; the mean time
@@ -205,9 +205,10 @@ LONGER_FT = "longer FT"
 LONGER_FT_SETTINGS = {"shapes": ["finetune.global.epochs=6", "data.distill.mask_rois=16"],
                       "digits": ["finetune.global.epochs=6"]}
 HALF_SIZE = "half size"   # marker: quantize.target_mb = half the rules' size (the first variant's)
-# marker: four times the shapes pipeline's 64 calibration images (shapes only; digits already calibrates on 1024)
-MORE_CALIBRATION = "256 calib."
-MORE_CALIBRATION_SETTINGS = {"shapes": ["quantize.n_calibration=256"]}
+# markers: more calibration images than the shapes pipeline's 64, up to all 400 of its training images (shapes
+# only; digits already calibrates on 1024)
+MORE_CALIBRATION = {"256 calib.": {"shapes": ["quantize.n_calibration=256"]},
+                    "400 calib.": {"shapes": ["quantize.n_calibration=400"]}}
 END_VARIANTS = [
     ("paper, no fine-tuning", ["quantize.objective=paper", *NO_FT]),
     ("paper, full pipeline", ["quantize.objective=paper"]),
@@ -228,10 +229,11 @@ END_VARIANTS = [
     ("hessian + teacher target + perm. + BN/bias, full", [*HESSIAN, *TEACHER, *PERMUTE, *TRAIN_AFFINE]),
     ("all four, no fine-tuning", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *NO_FT]),
     ("all four + BN/bias training, full", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *TRAIN_AFFINE]),
-    (f"hessian, {MORE_CALIBRATION}, no FT", [*HESSIAN, *NO_FT]),
-    (f"hessian + teacher target, {MORE_CALIBRATION}, no FT", [*HESSIAN, *TEACHER, *NO_FT]),
-    (f"h. + teacher target + perm., {MORE_CALIBRATION}, no FT", [*HESSIAN, *TEACHER, *PERMUTE, *NO_FT]),
-    (f"all four, {MORE_CALIBRATION}, no FT", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *NO_FT]),
+    ("hessian, 256 calib., no FT", [*HESSIAN, *NO_FT]),
+    ("hessian + teacher target, 256 calib., no FT", [*HESSIAN, *TEACHER, *NO_FT]),
+    ("h. + teacher target + perm., 256 calib., no FT", [*HESSIAN, *TEACHER, *PERMUTE, *NO_FT]),
+    ("all four, 256 calib., no FT", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *NO_FT]),
+    ("all four, 400 calib., no FT", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *NO_FT]),
     ("paper, photo calibration, no FT", ["quantize.objective=paper", *PHOTOS, *NO_FT]),
     ("all three, photo calibration, no FT", [*HESSIAN, *BIAS, *PERMUTE, *PHOTOS, *NO_FT]),
     ("all four, photo calibration, no FT", [*HESSIAN, *TEACHER, *BIAS, *PERMUTE, *PHOTOS, *NO_FT]),
@@ -267,10 +269,11 @@ def end_metrics(which: str, overrides: list[str], out: Path, only: list[str] | N
             extra = [*extra, f"quantize.target_mb={rules_mb / 2:.6f}"]
         if LONGER_FT in label:
             extra = [*extra, *LONGER_FT_SETTINGS[which]]
-        if MORE_CALIBRATION in label:
-            if which not in MORE_CALIBRATION_SETTINGS:
+        more = [settings for marker, settings in MORE_CALIBRATION.items() if marker in label]
+        if more:
+            if which not in more[0]:
                 continue
-            extra = [*extra, *MORE_CALIBRATION_SETTINGS[which]]
+            extra = [*extra, *more[0][which]]
         if TEACHER[0] in extra and which in TEACHER_FORCING:
             extra = [*extra, f"quantize.teacher_forcing={TEACHER_FORCING[which]}"]
         cfg = model_config(which, [*overrides, *extra])
