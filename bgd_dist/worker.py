@@ -165,7 +165,8 @@ class Worker:
                 module = get_submodule(model, name)
                 handles.append(module.register_forward_hook(
                     lambda m, args, out, s=moments[which][name]: s.update(out)))
-        forcing = TeacherForcing(self.teacher, self.student, request.force)   # after the moments' hooks: they see the own output
+        # after the moments' hooks, so that they see the student's own output
+        forcing = TeacherForcing(self.teacher, self.student, request.force)
         seen = 0
         try:
             for model in models.values():
