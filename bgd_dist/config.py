@@ -226,6 +226,7 @@ class QuantizeConfig:
     n_centroids: int = 256
     n_iter: int = 100
     init: str = "random"
+    restarts: int = 1                 # k-means initialisations per layer; the lowest final objective is kept
     refine: str = "hartigan"          # k-means iterations: hartigan (Lloyd + exact Hartigan moves) | lloyd
     kmeans_backend: str = "torch"     # the E-step's nearest-centroid search: torch | faiss (needs faiss-cpu)
     objective: str = "paper"          # paper (pooled Gram) | weights (identity metric) | hessian (full H)
@@ -282,7 +283,7 @@ class QuantizeConfig:
             raise ValueError(f"init: unknown value {self.init!r}; expected random or kmeans++")
         if self.target_mb is not None and not self.target_mb > 0:
             raise ValueError(f"target_mb: must be > 0, got {self.target_mb}")
-        for key in ("n_centroids", "n_iter", "n_calibration", "batch_size"):
+        for key in ("n_centroids", "n_iter", "n_calibration", "batch_size", "restarts"):
             if getattr(self, key) < (0 if key == "n_iter" else 1):
                 raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
         if not 0 <= self.holdout < 1:

@@ -127,12 +127,13 @@ class FitSettings:
     hessian_damp: float | str = 0.01   # a number, or auto (per layer, bgd_dist.objectives.layer_damp)
     hessian_cg_steps: int = 20
     kmeans_backend: str = "torch"      # the E-step's nearest-centroid search: torch | faiss
+    restarts: int = 1                  # fits from distinct initialisations; the lowest final objective is kept
 
     @classmethod
     def of(cls, quantize_cfg, n_iter: int | None = None) -> "FitSettings":
         q = quantize_cfg
         return cls(q.n_iter if n_iter is None else n_iter, q.init, q.refine, q.hessian.rounds, q.hessian.damp,
-                   q.hessian.cg_steps, q.kmeans_backend)
+                   q.hessian.cg_steps, q.kmeans_backend, q.restarts)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ class FitResult:
     name: str
     codebook: Codebook
     seconds: float
+    restart_objectives: tuple[float, ...] = ()   # each restart's final objective (more than one restart)
 
 
 # -- distillation -----------------------------------------------------------------------------------

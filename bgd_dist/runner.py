@@ -583,10 +583,14 @@ def swap(r: Run, st: Stage) -> None:
         f, size = st.fitted[l.name], st.sizes[l.name]
         r.quantized_bytes += size.nbytes
         obj, name = f.codebook.objective, st.objectives[l.name].name
-        extra = st.extras.get(l.name, {})
+        extra = dict(st.extras.get(l.name, {}))
+        if f.restart_objectives:
+            extra["restart_objectives"] = list(f.restart_objectives)
         held = "" if extra.get("objective_holdout") is None else f" (held-out {extra['objective_holdout']:.4f})"
         if extra.get("target") == "teacher":
             held += f" to the teacher's outputs (input error {extra['input_error']:.4f}, damp {extra['target_damp']:g})"
+        if f.restart_objectives:
+            held += f" (best of {len(f.restart_objectives)} restarts, worst {max(f.restart_objectives):.4f})"
         log.info("%s %s: d=%d K=%d %.3f bits/w %s objective %.4f -> %.4f%s fit %.2fs | quantized so far %.3f MB",
                  st.label, l.name, l.block_size, l.n_centroids, size.bits_per_weight, name, obj[0], obj[-1], held,
                  f.seconds, r.quantized_bytes / MB)

@@ -53,3 +53,12 @@ class Seeds:
     def fit(self, layer) -> int:
         """The k-means initialisation of a layer (a plan entry)."""
         return self.base + layer.order
+
+
+RESTART_STRIDE = 100_003   # a prime above any layer count: restarts never reuse another layer's seed
+
+
+def restart_seed(seed: int, restart: int) -> int:
+    """The k-means initialisation of restart ``restart`` of a fit seeded ``seed`` (``quantize.restarts``);
+    restart 0 is the fit's own seed, so one restart is the fit without restarts."""
+    return seed + RESTART_STRIDE * restart

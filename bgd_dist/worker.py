@@ -11,6 +11,7 @@ import datetime
 import re
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -22,6 +23,7 @@ from .finetune import MB, PhaseSpec, PhaseState, TeacherCache, distill
 from .messages import CollectRequest, FitJob, FitResult, OutputMomentsRequest, ShardOutputMoments, ShardStats
 from .nn.modules import get_submodule
 from .objectives import objective
+from .seeds import restart_seed
 from .student import load_student
 
 __all__ = ["FitJob", "Worker", "run_fit"]
@@ -29,13 +31,21 @@ __all__ = ["FitJob", "Worker", "run_fit"]
 
 def run_fit(job: FitJob) -> FitResult:
     """Fit one codebook under the job's objective (:mod:`bgd_dist.objectives`); returns it with
-    the seconds it took. Errors name the layer."""
+    the seconds it took. With ``settings.restarts`` > 1 the fit runs from that many k-means
+    initialisations (:func:`bgd_dist.seeds.restart_seed`) and keeps the codebook with the lowest
+    final objective (the first on a tie). Errors name the layer."""
     start = time.perf_counter()
+    fit = objective(job.objective).fit
+    best, finals = None, []
     try:
-        codebook = objective(job.objective).fit(job)
+        for restart in range(job.settings.restarts):
+            codebook = fit(job if restart == 0 else replace(job, seed=restart_seed(job.seed, restart)))
+            finals.append(float(codebook.objective[-1]))
+            if best is None or finals[-1] < best.objective[-1]:
+                best = codebook
     except Exception as e:
         raise RuntimeError(f"codebook fit failed for layer {job.name!r}: {e}") from e
-    return FitResult(job.name, codebook, time.perf_counter() - start)
+    return FitResult(job.name, best, time.perf_counter() - start, tuple(finals) if len(finals) > 1 else ())
 
 
 def _device() -> torch.device:
