@@ -79,7 +79,8 @@ def allocation_options(cfg, teacher: torch.nn.Module, plan: Plan, executor,
     executor.load_student(student_state(teacher))
     options: dict[str, list[Option]] = {}
     table: dict[str, list[dict]] = {}
-    settings = FitSettings.of(q, n_iter=q.allocation.n_iter)
+    # one initialisation per candidate: the short fits predict errors; quantize.restarts is for the final fit
+    settings = dataclasses.replace(FitSettings.of(q, n_iter=q.allocation.n_iter), restarts=1)
     bar = tqdm(total=len(layers), desc="allocate", unit="layer", disable=not progress)
     passes = [(g, True) for g in memory_groups(small, lambda l: HessianStats.bytes_for(l.geometry), max_bytes)]
     if large:
