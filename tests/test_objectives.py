@@ -14,8 +14,8 @@ from bgd_dist.core.stats import make_stats
 from bgd_dist.messages import FitJob, FitSettings
 from bgd_dist.objectives import NAMES, OBJECTIVES, objective, resolve
 from bgd_dist.plan import LayerPlan, Rule
-from bgd_dist.seeds import restart_seed
 from bgd_dist.runner import run
+from bgd_dist.seeds import restart_seed
 from bgd_dist.worker import run_fit
 
 from toy import BASE, toy_config
