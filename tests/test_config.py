@@ -94,3 +94,23 @@ def test_the_shapes_plus_pipeline_is_the_benchmarked_combination():
     base = load_pipeline("pipelines/shapes_maskrcnn.yaml", [*data, *variant])
     plus = load_pipeline("pipelines/shapes_maskrcnn_plus.yaml", data)
     assert dataclasses.replace(plus, name=base.name) == base
+
+
+def test_the_mask_bits_variant_moves_bytes_from_fc6_to_the_mask_branch_at_no_larger_size():
+    """The benchmark's "mask d=4" shapes settings address the pipeline's rules by index: they must still give
+    the mask branch d = 4 and fc6 K = 128, change nothing else, and not make the model larger."""
+    from benchmarks.objective import MASK_BITS_SETTINGS
+    from bgd_dist.adapters import make_adapter, plan_for
+    from bgd_dist.core.sizing import size_report
+
+    data = [f"data.{k}=x" for k in ("train_images", "train_annotations", "val_images", "val_annotations")]
+    base = load_pipeline("pipelines/shapes_maskrcnn.yaml", data)
+    moved = load_pipeline("pipelines/shapes_maskrcnn.yaml", [*data, *MASK_BITS_SETTINGS["shapes"]])
+    model = make_adapter(base.model, base.data).build_model()
+    before, after = plan_for(base, model), plan_for(moved, model)
+    changed = {l.name: (l.block_size, l.n_centroids) for l in after.layers
+               if (l.block_size, l.n_centroids) != (before.layer(l.name).block_size, before.layer(l.name).n_centroids)}
+    mask = [l.name for l in before.layers if l.name.startswith("roi_heads.mask_head.")]   # 3x3, d = 9 before
+    assert len(mask) == 4 and after.layer("roi_heads.mask_predictor.conv5_mask").block_size == 4 and changed == {"roi_heads.box_head.fc6": (16, 128), **{n: (4, 256) for n in mask}}
+    base_mb, moved_mb = size_report(model, before).compressed_mb, size_report(model, after).compressed_mb
+    assert base_mb - 0.001 < moved_mb <= base_mb
