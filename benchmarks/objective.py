@@ -30,7 +30,8 @@ latter also with a global phase twice as long), hessian fitted to the teacher's
 outputs (``quantize.hessian.target: teacher``; on shapes with the region heads
 teacher-forced) alone, with permutations and with the other three ("all four"),
 on shapes four of the variants without fine-tuning again with 256 instead of the pipeline's 64
-calibration images ("256 calib.") and all four with all 400 training images ("400 calib."),
+calibration images ("256 calib."), all four with all 400 training images ("400 calib.") and all four
+on 256 with bytes moved from the box head to the mask branch ("mask d=4"),
 calibration on natural photographs instead of the task's images (out of domain),
 and, for digits, the best combinations at half the rules' size
 (``quantize.target_mb``). Cost columns: the time
@@ -216,6 +217,9 @@ MASK_BITS = "mask d=4"
 MASK_BITS_SETTINGS = {"shapes": ["quantize.rules.1.n_centroids=128",
                                  r"quantize.rules.3={match: 'roi_heads\.mask_head\..*|roi_heads\.mask_predictor"
                                  r"\.conv5_mask', block_size: 4}"]}
+# the markers whose settings depend on the model, in the order they apply: a variant whose label holds one runs
+# only for the models it lists
+MODEL_SETTINGS = {LONGER_FT: LONGER_FT_SETTINGS, **MORE_CALIBRATION, MASK_BITS: MASK_BITS_SETTINGS}
 END_VARIANTS = [
     ("paper, no fine-tuning", ["quantize.objective=paper", *NO_FT]),
     ("paper, full pipeline", ["quantize.objective=paper"]),
@@ -275,17 +279,10 @@ def end_metrics(which: str, overrides: list[str], out: Path, only: list[str] | N
                 base = model_config(which, overrides)
                 rules_mb = size_report(make_adapter(base.model, base.data).build_model(), plan_for(base)).compressed_mb
             extra = [*extra, f"quantize.target_mb={rules_mb / 2:.6f}"]
-        if LONGER_FT in label:
-            extra = [*extra, *LONGER_FT_SETTINGS[which]]
-        more = [settings for marker, settings in MORE_CALIBRATION.items() if marker in label]
-        if more:
-            if which not in more[0]:
-                continue
-            extra = [*extra, *more[0][which]]
-        if MASK_BITS in label:
-            if which not in MASK_BITS_SETTINGS:
-                continue
-            extra = [*extra, *MASK_BITS_SETTINGS[which]]
+        marked = [settings for marker, settings in MODEL_SETTINGS.items() if marker in label]
+        if any(which not in settings for settings in marked):
+            continue
+        extra = [*extra, *(item for settings in marked for item in settings[which])]
         if TEACHER[0] in extra and which in TEACHER_FORCING:
             extra = [*extra, f"quantize.teacher_forcing={TEACHER_FORCING[which]}"]
         cfg = model_config(which, [*overrides, *extra])

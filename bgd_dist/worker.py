@@ -39,7 +39,7 @@ def run_fit(job: FitJob) -> FitResult:
     best, finals = None, []
     try:
         for restart in range(job.settings.restarts):
-            codebook = fit(job if restart == 0 else replace(job, seed=restart_seed(job.seed, restart)))
+            codebook = fit(replace(job, seed=restart_seed(job.seed, restart)))
             finals.append(float(codebook.objective[-1]))
             if best is None or finals[-1] < best.objective[-1]:
                 best = codebook
